@@ -1,0 +1,42 @@
+# Two commands: `make lab` opens the course, `make test` runs the whole test suite.
+# Both set up a local virtual environment first (idempotent): CPU torch, then the course package.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: lab test unit notebooks fetch bench constraints clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: an unpinned torch pulls several GB of CUDA packages on Linux.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[lab,test]"
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/course fetch || echo "Some data could not be fetched; the notebooks say what to run."
+	$(VENV)/bin/jupyter lab weeks/
+
+test: unit notebooks
+
+unit: $(STAMP)
+	$(VENV)/bin/course build --check
+	$(PY) -m pytest tests -q
+
+notebooks: $(STAMP)
+	COURSE_PROFILE=smoke COURSE_STRICT=1 $(PY) -m pytest --nbval-lax solutions -q -p no:cacheprovider
+	COURSE_PROFILE=smoke $(PY) -m pytest --nbval-lax weeks -q -p no:cacheprovider
+
+fetch: $(STAMP)
+	$(VENV)/bin/course fetch
+
+bench: $(STAMP)
+	$(VENV)/bin/course bench --profile cpu
+
+constraints: $(STAMP)
+	{ echo "# Exact versions CI tests. Update deliberately (make constraints), never by accident."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV)

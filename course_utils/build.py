@@ -1,0 +1,164 @@
+"""Notebook build: `solutions/` is the one source; `weeks/` (the student version) is generated from it.
+
+For every `solutions/weekN_<slug>/NN_<slug>.ipynb` the build
+1. normalises the solution in place: outputs stripped, the Colab badge and the setup cell stamped
+   from one template (so the repository URL and the setup code live only in this package);
+2. writes `weeks/weekN_<slug>/NN_<slug>.ipynb`: cells tagged `instructor` removed, every
+   `# BEGIN SOLUTION: <task>` ... `# END SOLUTION` block replaced by a placeholder that raises
+   `NotImplementedError(<task>)`, and markdown between `<!-- BEGIN SOLUTION -->` and
+   `<!-- END SOLUTION -->` replaced by an answer prompt.
+`build(check=True)` changes nothing and lists what is stale.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+SETUP_TAG = "setup"
+INSTRUCTOR_TAG = "instructor"
+BADGE_PREFIX = "[![Open In Colab]"
+_CODE_BLOCK = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION(?::[ \t]*(?P<task>[^\n]*))?$\n(?P<body>.*?)^[ \t]*# END SOLUTION[ \t]*$\n?",
+                         re.MULTILINE | re.DOTALL)
+_MD_BLOCK = re.compile(r"<!-- BEGIN SOLUTION -->.*?<!-- END SOLUTION -->", re.DOTALL)
+
+
+def repo_root() -> Path:
+    """The repository holding `solutions/` (the working directory or a parent of it)."""
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "solutions").is_dir() and (candidate / "pyproject.toml").exists():
+            return candidate
+    package_parent = Path(__file__).resolve().parent.parent
+    if (package_parent / "solutions").is_dir():
+        return package_parent
+    raise FileNotFoundError("Could not find the course repository (a folder with solutions/ and pyproject.toml). "
+                            "Run `course build` from inside the repository.")
+
+
+def setup_source() -> str:
+    """The first code cell of every notebook: install the package in Colab, then `setup()`."""
+    from . import REPO_URL
+
+    return (
+        "# Setup: run this cell first. In Colab it installs the course package (about a minute).\n"
+        "import importlib.util, subprocess, sys\n"
+        "if importlib.util.find_spec(\"course_utils\") is None:\n"
+        f"    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"git+{REPO_URL}\"], check=True)\n"
+        "import course_utils\n"
+        "from course_utils import by_profile, check, record, use\n"
+        "generator = course_utils.setup(seed=0)"
+    )
+
+
+def badge(relpath: str) -> str:
+    """Markdown for an 'Open in Colab' badge pointing at `relpath` in the repository."""
+    from . import REPO_URL
+
+    slug = REPO_URL.removeprefix("https://github.com/")
+    url = f"https://colab.research.google.com/github/{slug}/blob/main/{relpath}"
+    return f"{BADGE_PREFIX}(https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+def _tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def _strip(nb) -> None:
+    """Remove outputs, execution counts and editor metadata; keep cell tags."""
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                   "language_info": {"name": "python"}}
+    for cell in nb.cells:
+        tags = _tags(cell)
+        cell.metadata = {"tags": tags} if tags else {}
+        cell.pop("id", None)
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    nb.nbformat, nb.nbformat_minor = 4, 4
+
+
+def normalise_solution(nb, relpath: str):
+    """The solution notebook as it should be on disk: stripped, badge and setup cell stamped."""
+    nb = copy.deepcopy(nb)
+    _strip(nb)
+    if not nb.cells or nb.cells[0].cell_type != "markdown" or not nb.cells[0].source.lstrip().startswith("# "):
+        raise ValueError(f"{relpath}: the first cell must be a markdown cell starting with '# <title>'.")
+    lines = [ln for ln in nb.cells[0].source.splitlines() if not ln.startswith(BADGE_PREFIX)]
+    lines.insert(1, "")
+    lines.insert(2, badge(relpath))
+    nb.cells[0].source = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip()
+    setup_cells = [c for c in nb.cells if SETUP_TAG in _tags(c)]
+    for c in setup_cells:
+        nb.cells.remove(c)
+    setup = nbformat.v4.new_code_cell(setup_source(), metadata={"tags": [SETUP_TAG]})
+    setup.pop("id", None)
+    nb.cells.insert(1, setup)
+    return nb
+
+
+def _placeholder(match: re.Match) -> str:
+    indent = match.group("indent")
+    task = (match.group("task") or "complete this exercise").strip()
+    return f"{indent}# TODO: {task}\n{indent}raise NotImplementedError({task!r})\n"
+
+
+def student_version(solution_nb, student_relpath: str):
+    """The student notebook generated from a (normalised) solution notebook."""
+    nb = copy.deepcopy(solution_nb)
+    nb.cells = [c for c in nb.cells if INSTRUCTOR_TAG not in _tags(c)]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            if "BEGIN SOLUTION" in cell.source and not _CODE_BLOCK.search(cell.source):
+                raise ValueError(f"{student_relpath}: unmatched '# BEGIN SOLUTION' in:\n{cell.source[:200]}")
+            cell.source = _CODE_BLOCK.sub(_placeholder, cell.source + ("\n" if not cell.source.endswith("\n") else "")).rstrip("\n")
+        else:
+            cell.source = _MD_BLOCK.sub("*Your answer here.*", cell.source)
+            lines = [badge(student_relpath) if ln.startswith(BADGE_PREFIX) else ln for ln in cell.source.splitlines()]
+            cell.source = "\n".join(lines)
+    return nb
+
+
+def _dumps(nb) -> str:
+    return nbformat.writes(nb, version=4) + "\n"
+
+
+@dataclass
+class BuildReport:
+    written: list[str]  # files (re)written, or stale ones in check mode
+    removed: list[str]  # generated files with no source any more
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.written or self.removed)
+
+
+def build(root: Path | None = None, *, check: bool = False) -> BuildReport:
+    """Normalise every solution notebook and regenerate `weeks/`; in check mode only report what differs."""
+    root = root or repo_root()
+    written: list[str] = []
+    expected_students: set[Path] = set()
+    for src in sorted((root / "solutions").glob("week*/*.ipynb")):
+        rel = src.relative_to(root).as_posix()
+        student_rel = "weeks/" + rel.split("/", 1)[1]
+        raw = src.read_text(encoding="utf-8")
+        solution = normalise_solution(nbformat.reads(raw, as_version=4), rel)
+        targets = [(src, _dumps(solution)), (root / student_rel, _dumps(student_version(solution, student_rel)))]
+        expected_students.add(root / student_rel)
+        for path, text in targets:
+            current = path.read_text(encoding="utf-8") if path.exists() else None
+            if current != text:
+                written.append(path.relative_to(root).as_posix())
+                if not check:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(text, encoding="utf-8")
+    removed = []
+    for stale in sorted((root / "weeks").glob("week*/*.ipynb")) if (root / "weeks").is_dir() else []:
+        if stale not in expected_students:
+            removed.append(stale.relative_to(root).as_posix())
+            if not check:
+                stale.unlink()
+    return BuildReport(written, removed)

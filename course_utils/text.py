@@ -1,0 +1,101 @@
+"""Character-level text pipeline: vocabulary, encode/decode, train/val split and batches of windows.
+
+Week 2 builds its language models on this; later weeks reuse it (week 4 swaps the character
+vocabulary for a BPE tokenizer and keeps the batching). Two ways to cut batches:
+`random_windows` (independent windows, the usual choice) and `stream_batches` (consecutive chunks
+of B parallel streams, so a recurrent model can carry its hidden state from one batch to the next:
+truncated backpropagation through time).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+
+class CharVocab:
+    """The sorted set of characters of a text, with string <-> integer id maps."""
+
+    def __init__(self, text: str):
+        self.chars: list[str] = sorted(set(text))
+        self.stoi: dict[str, int] = {ch: i for i, ch in enumerate(self.chars)}
+        self.itos: dict[int, str] = dict(enumerate(self.chars))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """'hi' -> tensor([ids]) (int64). Unknown characters raise a KeyError naming them."""
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise KeyError(f"characters not in the vocabulary: {unknown}")
+        return torch.tensor([self.stoi[ch] for ch in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        """A sequence of ids (tensor or list) -> the string."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return "".join(self.itos[int(i)] for i in ids)
+
+    def __repr__(self) -> str:
+        return f"CharVocab({len(self)} chars: {''.join(self.chars)!r})"
+
+
+def train_val_split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a 1-D token tensor into a head (train) and a tail (val); no shuffling, so no leakage."""
+    n_val = max(1, int(len(data) * val_fraction))
+    return data[:-n_val], data[-n_val:]
+
+
+def random_windows(data: torch.Tensor, batch_size: int, block_size: int, *,
+                   generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B random windows of length T and the same windows shifted by one (the next-token targets).
+
+    Returns x, y of shape (B, T) with y[:, t] = data[start + t + 1].
+    """
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets = torch.arange(block_size)
+    x = data[starts[:, None] + offsets]  # (B, T)
+    y = data[starts[:, None] + offsets + 1]  # (B, T)
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+    return x, y
+
+
+def make_get_batch(train: torch.Tensor, val: torch.Tensor, batch_size: int, block_size: int, *,
+                   generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Callable[[str], tuple[torch.Tensor, torch.Tensor]]:
+    """`get_batch(split)` for `course_utils.train.train_loop`: random windows of train or val."""
+    splits = {"train": train, "val": val}
+
+    def get_batch(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_windows(splits[split], batch_size, block_size, generator=generator, device=device)
+
+    return get_batch
+
+
+def stream_batches(data: torch.Tensor, batch_size: int, block_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive chunks of B parallel streams, forever (for truncated BPTT with a carried state).
+
+    The text is cut into B equal streams; batch k holds chunk k of every stream, so row b of batch k+1
+    continues row b of batch k, and the hidden state at the end of one batch is the right start for
+    the next. Yields x, y of shape (B, T); a new epoch starts over (reset the state then).
+    """
+    n = (len(data) - 1) // batch_size
+    streams_x = data[: n * batch_size].view(batch_size, n)  # (B, n)
+    streams_y = data[1: n * batch_size + 1].view(batch_size, n)  # (B, n)
+    while True:
+        for start in range(0, n - block_size + 1, block_size):
+            yield streams_x[:, start:start + block_size], streams_y[:, start:start + block_size]
+
+
+def context_windows(data: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (previous `context` tokens, next token) pair of a 1-D tensor: X (N, context), y (N,)."""
+    X = data.unfold(0, context, 1)[:-1]  # (N, context): windows starting at 0 .. len-context-1
+    y = data[context:]  # (N,)
+    return X, y

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import additive_score, attention_weights, dot_product_score, padding_mask
+from .text import CharVocab
 
 # ----------------------------------------------------------------------------------------------
 # The data set: dates written many human ways -> "YYYY-MM-DD"
@@ -159,38 +160,15 @@ def write_split(folder: Path, split: str) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Characters <-> ids, and padded batches
 # ----------------------------------------------------------------------------------------------
-class CharVocab:
-    """A character vocabulary with PAD=0, BOS=1, EOS=2, UNK=3."""
-
-    SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    PAD, BOS, EOS, UNK = 0, 1, 2, 3
-
-    def __init__(self, chars: str):
-        self.itos = self.SPECIALS + sorted(set(chars))
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.stoi.get(c, self.UNK) for c in text]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.EOS:
-                break
-            if i >= len(self.SPECIALS):
-                out.append(self.itos[i])
-        return "".join(out)
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD, BOS, EOS, UNK = range(len(SPECIALS))  # the ids of the special tokens, first in every vocabulary here
 
 
 def default_vocab() -> CharVocab:
     """Every character the generator can write (so train, val and test share one vocabulary)."""
     import string
 
-    return CharVocab(string.ascii_letters + string.digits + " ,./-':()")
+    return CharVocab(string.ascii_letters + string.digits + " ,./-':()", specials=SPECIALS)
 
 
 @dataclass
@@ -206,17 +184,17 @@ class Batch:
 
 def make_batch(examples: Sequence[dict[str, str]], vocab: CharVocab) -> Batch:
     """Pad a list of {"src", "tgt"} examples into one Batch."""
-    src = [vocab.encode(e["src"]) for e in examples]
-    tgt = [vocab.encode(e["tgt"]) for e in examples]
+    src = [vocab.encode(e["src"]).tolist() for e in examples]
+    tgt = [vocab.encode(e["tgt"]).tolist() for e in examples]
     S, U = max(map(len, src)), max(map(len, tgt)) + 1
     B = len(examples)
-    src_t = torch.full((B, S), vocab.PAD, dtype=torch.long)
-    tgt_in = torch.full((B, U), vocab.PAD, dtype=torch.long)
-    tgt_out = torch.full((B, U), vocab.PAD, dtype=torch.long)
+    src_t = torch.full((B, S), PAD, dtype=torch.long)
+    tgt_in = torch.full((B, U), PAD, dtype=torch.long)
+    tgt_out = torch.full((B, U), PAD, dtype=torch.long)
     for i, (s, t) in enumerate(zip(src, tgt)):
         src_t[i, :len(s)] = torch.tensor(s)
-        tgt_in[i, :len(t) + 1] = torch.tensor([vocab.BOS] + t)
-        tgt_out[i, :len(t) + 1] = torch.tensor(t + [vocab.EOS])
+        tgt_in[i, :len(t) + 1] = torch.tensor([BOS] + t)
+        tgt_out[i, :len(t) + 1] = torch.tensor(t + [EOS])
     return Batch(src_t, torch.tensor([len(s) for s in src]), tgt_in, tgt_out)
 
 
@@ -318,7 +296,7 @@ class Seq2Seq(nn.Module):
         """Feed back the most likely character each step. Returns ids (B, max_len) and weights (B, max_len, S)."""
         enc, summary, mask = self.encode(src, src_len)
         state = torch.tanh(self.init(summary))
-        y = torch.full((src.shape[0],), CharVocab.BOS, dtype=torch.long, device=src.device)
+        y = torch.full((src.shape[0],), BOS, dtype=torch.long, device=src.device)
         ids, weights = [], []
         for _ in range(max_len):
             logits, state, w = self.step(y, state, enc, summary, mask)
@@ -332,7 +310,7 @@ class Seq2Seq(nn.Module):
 def seq2seq_loss(model: Seq2Seq, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy of the teacher-forced predictions, ignoring padding."""
     logits = model(batch.src, batch.src_len, batch.tgt_in)  # (B, U, V)
-    return F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=CharVocab.PAD)
+    return F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD)
 
 
 # ----------------------------------------------------------------------------------------------

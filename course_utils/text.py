@@ -8,41 +8,56 @@ truncated backpropagation through time).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 
 class CharVocab:
-    """The sorted set of characters of a text, with string <-> integer id maps."""
+    """The sorted set of characters of a text, with string <-> integer id maps.
 
-    def __init__(self, text: str):
+    Optional `specials` (e.g. "<pad>", "<bos>", "<eos>", "<unk>" for a seq2seq decoder) take the first
+    ids. With "<unk>" among them unknown characters map to it; without, they raise a KeyError.
+    """
+
+    def __init__(self, text: str, specials: Sequence[str] = ()):
+        self.specials: list[str] = list(specials)
         self.chars: list[str] = sorted(set(text))
-        self.stoi: dict[str, int] = {ch: i for i, ch in enumerate(self.chars)}
-        self.itos: dict[int, str] = dict(enumerate(self.chars))
+        tokens = self.specials + self.chars
+        self.stoi: dict[str, int] = {tok: i for i, tok in enumerate(tokens)}
+        self.itos: dict[int, str] = dict(enumerate(tokens))
 
     def __len__(self) -> int:
-        return len(self.chars)
+        return len(self.itos)
 
     @property
     def size(self) -> int:
-        return len(self.chars)
+        return len(self)
 
     def encode(self, text: str) -> torch.Tensor:
-        """'hi' -> tensor([ids]) (int64). Unknown characters raise a KeyError naming them."""
-        unknown = sorted(set(text) - set(self.stoi))
-        if unknown:
-            raise KeyError(f"characters not in the vocabulary: {unknown}")
-        return torch.tensor([self.stoi[ch] for ch in text], dtype=torch.long)
+        """'hi' -> tensor([ids]) (int64)."""
+        unk = self.stoi.get("<unk>")
+        if unk is None:
+            unknown = sorted(set(text) - set(self.chars))
+            if unknown:
+                raise KeyError(f"characters not in the vocabulary: {unknown}")
+        return torch.tensor([self.stoi.get(ch, unk) for ch in text], dtype=torch.long)
 
     def decode(self, ids) -> str:
-        """A sequence of ids (tensor or list) -> the string."""
+        """A sequence of ids (tensor or list) -> the string; special tokens are dropped, "<eos>" ends it."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return "".join(self.itos[int(i)] for i in ids)
+        out = []
+        for i in ids:
+            token = self.itos[int(i)]
+            if token == "<eos>":
+                break
+            if token not in self.specials:
+                out.append(token)
+        return "".join(out)
 
     def __repr__(self) -> str:
-        return f"CharVocab({len(self)} chars: {''.join(self.chars)!r})"
+        return f"CharVocab({len(self)} tokens: {self.specials} + {''.join(self.chars)!r})"
 
 
 def train_val_split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 lab: $(STAMP)
 	$(VENV)/bin/course fetch || echo "Some data could not be fetched; the notebooks say what to run."
-	$(VENV)/bin/jupyter lab weeks/
+	# --allow-root only where we are root (containers, some cloud machines): JupyterLab refuses otherwise.
+	$(VENV)/bin/jupyter lab weeks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: unit notebooks
 

@@ -47,10 +47,10 @@ def cmd_grade(args) -> int:
 def cmd_fetch(args) -> int:
     from . import data
 
-    statuses = data.fetch(args.names or None)
+    statuses = data.fetch(args.names or None)  # prints one line per item as it goes
     failed = [name for name, status in statuses.items() if status.startswith("failed")]
-    for name, status in statuses.items():
-        print(f"{name:12s} {status}")
+    print(f"{len(statuses) - len(failed)} of {len(statuses)} ready in {data.cache_dir()}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed and args.names else 0
 
 

@@ -188,10 +188,11 @@ def _display(result: CheckResult) -> None:
     result._shown = True
     try:
         from IPython import get_ipython
-        from IPython.display import HTML, display
+        from IPython.display import display
 
         if get_ipython() is not None:
-            display(HTML(result._repr_html_()))
+            # Both forms: HTML in Jupyter/Colab, the same verdict as text in consoles and nbconvert.
+            display({"text/plain": str(result), "text/html": result._repr_html_()}, raw=True)
             return
     except ImportError:
         pass

@@ -2,18 +2,37 @@
 import importlib
 from pathlib import Path
 
+import pytest
+from checkkit import assert_check_contract, placeholder
+
 from course_utils import list_exercises, reference
 
 TESTS = Path(__file__).parent
 
 
+def _week_modules():
+    return [importlib.import_module(path.stem) for path in sorted(TESTS.glob("test_week*.py"))]
+
+
 def wrong_tables() -> dict[str, list]:
+    """WRONG_IMPLEMENTATIONS of every tests/test_weekN.py, merged: exercise id -> wrong versions."""
     tables: dict[str, list] = {}
-    for path in sorted(TESTS.glob("test_week*.py")):
-        module = importlib.import_module(path.stem)
+    for module in _week_modules():
         for exercise_id, wrongs in getattr(module, "WRONG_IMPLEMENTATIONS", {}).items():
             tables.setdefault(exercise_id, []).extend(wrongs)
     return tables
+
+
+def placeholders() -> dict:
+    """PLACEHOLDERS of the week modules: class exercises need a placeholder class, not a function."""
+    return {k: v for module in _week_modules() for k, v in getattr(module, "PLACEHOLDERS", {}).items()}
+
+
+@pytest.mark.parametrize("exercise_id", list_exercises())
+def test_check_contract(exercise_id):
+    """The reference passes, the placeholder is 'not attempted', every wrong implementation fails."""
+    assert_check_contract(exercise_id, wrong_tables().get(exercise_id, []),
+                          placeholders().get(exercise_id, placeholder))
 
 
 def test_every_exercise_has_wrong_implementations_under_test():

@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -436,14 +436,4 @@ def use(exercise_id: str, obj: Any = None) -> Any:
         return obj
     print(f"↪ {ex.id} {ex.title}: {res.status}; continuing with the reference `{ex.reference.replace(':', '.')}`.")
     return ex.load_reference()
-
-
-def last_results() -> dict[str, CheckResult]:
-    """The latest verdict of every exercise checked in this process."""
-    return dict(_LAST)
-
-
-def iter_cases(exercise_id: str) -> Iterator[Case]:
-    """The cases of an exercise (used by tests)."""
-    return iter(get_exercise(exercise_id).make_cases())
 

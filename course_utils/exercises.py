@@ -114,6 +114,11 @@ def reference(exercise_id: str) -> Any:
     return get_exercise(exercise_id).load_reference()
 
 
+def randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    """Reproducible random inputs for cases: standard normal times `scale`, drawn from generator `g`."""
+    return torch.randn(*shape, generator=g) * scale
+
+
 # ----------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def write_reports(subs: list[Submission], out: Path) -> None:
                 writer.writerow([s.student, s.notebook, i, status_of(s, i), v.get("passed", ""), v.get("total", ""),
                                  v.get("message", "").splitlines()[0] if v.get("message") else ""])
     symbol = {"passed": "✅", "failed": "❌", "error": "💥", "timeout": "⏱", "not attempted": "⬜", MISSING: "—"}
-    lines = ["# Grades", "", f"Legend: " + ", ".join(f"{symbol[k]} {k}" for k in (*STATUSES, MISSING)), "",
+    lines = ["# Grades", "", "Legend: " + ", ".join(f"{symbol[k]} {k}" for k in (*STATUSES, MISSING)), "",
              "| student | notebook | run | score | " + " | ".join(ids) + " |",
              "|---|---|---|---|" + "---|" * len(ids)]
     for s in subs:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import one_cpu_thread
+
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -403,10 +405,7 @@ def train_recall(kind: str, delay: int, *, steps: int, batch_size: int = 64, hid
     device = device or torch.device("cpu")
     model = SequenceClassifier(kind, 2 * n_symbols + 1, n_symbols, hidden_size, keep_bias=keep_bias).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":  # a model this small is latency-bound: one thread beats several fighting over cores
-        torch.set_num_threads(1)
-    try:
+    with one_cpu_thread(device):  # a model this small is latency-bound: one thread beats several fighting over cores
         for _ in range(steps):
             x, y = recall_batch(batch_size, delay, n_symbols, n_symbols, generator=gen)
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
@@ -417,8 +416,6 @@ def train_recall(kind: str, delay: int, *, steps: int, batch_size: int = 64, hid
         x, y = recall_batch(eval_size, delay, n_symbols, n_symbols, generator=torch.Generator().manual_seed(seed + 1))
         with torch.no_grad():
             return float((model(x.to(device)).argmax(-1).cpu() == y).float().mean())
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ A production translator adds beam search, subword vocabularies and a Transformer
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import math
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import additive_score, attention_weights, dot_product_score, padding_mask
+from .runtime import one_cpu_thread
 from .text import CharVocab
 
 # ----------------------------------------------------------------------------------------------
@@ -316,19 +316,6 @@ def seq2seq_loss(model: Seq2Seq, batch: Batch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _few_threads(model: nn.Module):
-    """Run a small recurrent model on one CPU thread: its per-step matrices are tiny, and handing them
-    between threads costs more than it saves (on a busy 2-core machine, ten times more)."""
-    if next(model.parameters()).device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def batch_sampler(splits: dict[str, list[dict[str, str]]], vocab: CharVocab, batch_size: int,
@@ -364,7 +351,7 @@ def train_seq2seq(model: Seq2Seq, splits: dict, vocab: CharVocab, *, steps: int,
         return out
 
     opt.step = step_and_decay
-    with _few_threads(model):
+    with one_cpu_thread(next(model.parameters()).device):
         return train_loop(model, get_batch, seq2seq_loss, steps=steps, optimizer=opt,
                           eval_every=eval_every or max(steps // 20, 1), eval_iters=5, clip_grad=1.0, desc=desc)
 
@@ -408,7 +395,7 @@ def translate(model: Seq2Seq, texts: Sequence[str], vocab: CharVocab, batch_size
     model.eval()
     device = next(model.parameters()).device
     out = []
-    with _few_threads(model):
+    with one_cpu_thread(next(model.parameters()).device):
         for i in range(0, len(texts), batch_size):
             b = make_batch([{"src": t, "tgt": ""} for t in texts[i:i + batch_size]], vocab).to(device)
             ids, _ = model.greedy_decode(b.src, b.src_len)

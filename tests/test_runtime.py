@@ -56,3 +56,12 @@ def test_setup_prints_device_and_profile(capsys, monkeypatch):
     runtime.setup(seed=0)
     out = capsys.readouterr().out
     assert "profile=smoke" in out and "device=" in out and "torch" in out
+
+
+def test_one_cpu_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with runtime.one_cpu_thread("cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with runtime.one_cpu_thread("cuda"):  # a no-op off the CPU
+        assert torch.get_num_threads() == before

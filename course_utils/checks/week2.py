@@ -10,11 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exercises import Case, exercise
-
-
-def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=g) * scale
+from ..exercises import Case, exercise, randn
 
 
 @torch.no_grad()
@@ -38,8 +34,8 @@ def _rnn_cell_step():
     for B, I, H, scale, name in [(1, 3, 4, 1.0, "batch of one"), (5, 7, 16, 0.5, "random"),
                                  (4, 1, 6, 0.5, "input size 1"), (3, 5, 8, 5.0, "large values (tanh saturates)"),
                                  (2, 6, 6, 0.5, "I == H (a transposed W_hh still has the right shape)")]:
-        x, h = _randn(g, B, I, scale=scale), _randn(g, B, H)
-        W_xh, W_hh, b = _randn(g, I, H, scale=scale), _randn(g, H, H, scale=scale), _randn(g, H)
+        x, h = randn(g, B, I, scale=scale), randn(g, B, H)
+        W_xh, W_hh, b = randn(g, I, H, scale=scale), randn(g, H, H, scale=scale), randn(g, H)
         cell = _load(nn.RNNCell(I, H), W_xh, W_hh, b, torch.zeros(H))
         with torch.no_grad():
             expected = cell(x, h)
@@ -74,8 +70,8 @@ def _bptt_loss():
                                             (2, 12, 6, 10, 3.0, "large weights", False)]:
         tokens = torch.randint(V, (B, T + 1), generator=g)
         h0 = torch.zeros(B, H) if zero_h else torch.randn(B, H, generator=g).tanh()
-        params = (_randn(g, V, H, scale=scale), _randn(g, H, H, scale=scale / H ** 0.5 * 2), _randn(g, H, scale=0.1),
-                  _randn(g, H, V, scale=scale), _randn(g, V, scale=0.1))
+        params = (randn(g, V, H, scale=scale), randn(g, H, H, scale=scale / H ** 0.5 * 2), randn(g, H, scale=0.1),
+                  randn(g, H, V, scale=scale), randn(g, V, scale=0.1))
         with torch.no_grad():
             loss, h_T, _ = _bptt_expected(tokens, h0, *params)
         yield Case(f"{name}: tokens ({B}, {T + 1}), vocabulary {V}, hidden {H}", args=(tokens, h0, *params),
@@ -84,8 +80,8 @@ def _bptt_loss():
     B, T, V, H = 3, 10, 6, 8
     tokens = torch.randint(V, (B, T + 1), generator=g)
     h0 = torch.zeros(B, H)
-    params = [_randn(g, V, H), _randn(g, H, H, scale=0.7 / H ** 0.5 * 2), _randn(g, H, scale=0.1),
-              _randn(g, H, V), _randn(g, V, scale=0.1)]
+    params = [randn(g, V, H), randn(g, H, H, scale=0.7 / H ** 0.5 * 2), randn(g, H, scale=0.1),
+              randn(g, H, V), randn(g, V, scale=0.1)]
     loss, _, rnn = _bptt_expected(tokens, h0, *params)
     loss.backward()
     expected_grad = rnn.weight_hh_l0.grad.T.clone()  # dL/dW_hh in the row-vector convention
@@ -105,7 +101,7 @@ def _bptt_loss():
 # 2.3 Gradient clipping by global norm
 # ----------------------------------------------------------------------------------------------
 def _grads(g: torch.Generator, shapes: list[tuple[int, ...]], scale: float) -> list[torch.Tensor | None]:
-    return [None if s == () else _randn(g, *s, scale=scale) for s in shapes]
+    return [None if s == () else randn(g, *s, scale=scale) for s in shapes]
 
 
 def _clip_case(name: str, grads: list[torch.Tensor | None], max_norm: float, as_generator: bool = False) -> Case:
@@ -157,8 +153,8 @@ def _lstm_cell_step():
     for B, I, H, scale, name in [(1, 3, 4, 0.5, "batch of one"), (5, 7, 16, 0.5, "random"),
                                  (3, 4, 1, 0.5, "hidden size 1"), (4, 6, 8, 4.0, "large values (gates saturate)"),
                                  (2, 5, 5, 1.0, "I == H")]:
-        x, h, c = _randn(g, B, I, scale=scale), _randn(g, B, H).tanh(), _randn(g, B, H, scale=2.0)
-        W_x, W_h, b = _randn(g, I, 4 * H, scale=scale), _randn(g, H, 4 * H, scale=scale), _randn(g, 4 * H)
+        x, h, c = randn(g, B, I, scale=scale), randn(g, B, H).tanh(), randn(g, B, H, scale=2.0)
+        W_x, W_h, b = randn(g, I, 4 * H, scale=scale), randn(g, H, 4 * H, scale=scale), randn(g, 4 * H)
         cell = _load(nn.LSTMCell(I, H), W_x, W_h, b, torch.zeros(4 * H))
         with torch.no_grad():
             expected = cell(x, (h, c))
@@ -177,9 +173,9 @@ def _gru_cell_step():
     for B, I, H, scale, name in [(1, 3, 4, 0.5, "batch of one"), (5, 7, 16, 0.5, "random"),
                                  (3, 4, 1, 0.5, "hidden size 1"), (4, 6, 8, 4.0, "large values (gates saturate)"),
                                  (2, 5, 5, 1.0, "I == H")]:
-        x, h = _randn(g, B, I, scale=scale), _randn(g, B, H).tanh()
-        W_x, W_h = _randn(g, I, 3 * H, scale=scale), _randn(g, H, 3 * H, scale=scale)
-        b_x, b_h = _randn(g, 3 * H), _randn(g, 3 * H)
+        x, h = randn(g, B, I, scale=scale), randn(g, B, H).tanh()
+        W_x, W_h = randn(g, I, 3 * H, scale=scale), randn(g, H, 3 * H, scale=scale)
+        b_x, b_h = randn(g, 3 * H), randn(g, 3 * H)
         cell = _load(nn.GRUCell(I, H), W_x, W_h, b_x, b_h)
         with torch.no_grad():
             expected = cell(x, h)
@@ -199,10 +195,10 @@ def _temperature_probs():
              ("large logits (~1000), T=1: subtract the max or use torch.softmax", (3, 8), 1.0, 1000.0),
              ("tiny temperature T=1e-3: nearly greedy", (4, 9), 1e-3, 1.0)]
     for name, shape, T, scale in cases:
-        logits = _randn(g, *shape, scale=scale)
+        logits = randn(g, *shape, scale=scale)
         yield Case(name, args=(logits, T), expected=F.softmax(logits / T, dim=-1), atol=1e-6)
-    logits = _randn(g, 5, 6)
+    logits = randn(g, 5, 6)
     greedy = (logits == logits.max(dim=-1, keepdim=True).values).float()  # one-hot of the argmax (closed form)
     yield Case("T=0 means greedy: all mass on the argmax", args=(logits, 0.0), expected=greedy)
-    logits = _randn(g, 2, 5).double()
+    logits = randn(g, 2, 5).double()
     yield Case("float64 logits keep their dtype", args=(logits, 0.8), expected=F.softmax(logits / 0.8, dim=-1))

@@ -11,11 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..exercises import Case, exercise
-
-
-def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=g) * scale
+from ..exercises import Case, exercise, randn
 
 
 def _lengths_mask(lengths: list[int], S: int) -> torch.Tensor:
@@ -28,8 +24,8 @@ def _():
     g = torch.Generator().manual_seed(31)
     for B, S, Dq, Dk, A, scale in [(1, 1, 3, 3, 2, 1.0), (2, 5, 4, 6, 8, 1.0), (3, 7, 16, 8, 5, 1.0),
                                    (2, 4, 5, 5, 6, 20.0)]:
-        q, k = _randn(g, B, Dq, scale=scale), _randn(g, B, S, Dk, scale=scale)
-        W_q, W_k, v = _randn(g, Dq, A) / math.sqrt(Dq), _randn(g, Dk, A) / math.sqrt(Dk), _randn(g, A)
+        q, k = randn(g, B, Dq, scale=scale), randn(g, B, S, Dk, scale=scale)
+        W_q, W_k, v = randn(g, Dq, A) / math.sqrt(Dq), randn(g, Dk, A) / math.sqrt(Dk), randn(g, A)
         expected = torch.stack([torch.stack([v @ torch.tanh(q[b] @ W_q + k[b, s] @ W_k) for s in range(S)])
                                 for b in range(B)])  # explicit loop over every (example, key)
         name = f"query ({B},{Dq}), keys ({B},{S},{Dk}), A={A}" + (", large inputs (tanh saturates)" if scale > 1 else "")
@@ -51,13 +47,13 @@ def _():
             flat[r, keep[r]] = (e / e.sum()).float()
         return out
 
-    cases = [("scores (3, 5), no mask", _randn(g, 3, 5), None),
-             ("scores (3, 6), key lengths [6, 4, 1]", _randn(g, 3, 6), _lengths_mask([6, 4, 1], 6)),
-             ("one key: scores (2, 1)", _randn(g, 2, 1), torch.ones(2, 1, dtype=torch.bool)),
-             ("very negative scores (-50 ± 5), key lengths [2, 5]", _randn(g, 2, 5, scale=5) - 50,
+    cases = [("scores (3, 5), no mask", randn(g, 3, 5), None),
+             ("scores (3, 6), key lengths [6, 4, 1]", randn(g, 3, 6), _lengths_mask([6, 4, 1], 6)),
+             ("one key: scores (2, 1)", randn(g, 2, 1), torch.ones(2, 1, dtype=torch.bool)),
+             ("very negative scores (-50 ± 5), key lengths [2, 5]", randn(g, 2, 5, scale=5) - 50,
               _lengths_mask([2, 5], 5)),
-             ("large scores (x1000): softmax must not overflow", _randn(g, 2, 4, scale=1000), None),
-             ("scores (2, 3, 5) with mask (2, 1, 5) broadcast over queries", _randn(g, 2, 3, 5),
+             ("large scores (x1000): softmax must not overflow", randn(g, 2, 4, scale=1000), None),
+             ("scores (2, 3, 5) with mask (2, 1, 5) broadcast over queries", randn(g, 2, 3, 5),
               _lengths_mask([3, 5], 5)[:, None, :])]
     for name, scores, mask in cases:
         yield Case(name, args=(scores, mask), expected=reference(scores, mask), atol=1e-6)
@@ -74,7 +70,7 @@ def _():
               ("large values (x4), d_k=64, causal", (1, 2), 5, 5, 64, 8, "causal")]
     for name, lead, T, S, dk, dv, kind in shapes:
         scale = 4.0 if "large" in name else 1.0
-        q, k, v = _randn(g, *lead, T, dk, scale=scale), _randn(g, *lead, S, dk, scale=scale), _randn(g, *lead, S, dv)
+        q, k, v = randn(g, *lead, T, dk, scale=scale), randn(g, *lead, S, dk, scale=scale), randn(g, *lead, S, dv)
         mask = None
         if kind == "causal":
             mask = torch.ones(T, S, dtype=torch.bool).tril()
@@ -111,7 +107,7 @@ def _():
         with torch.no_grad():
             mha.in_proj_bias.normal_(generator=g)
             mha.out_proj.bias.normal_(generator=g)
-        x = _randn(g, B, T, C)
+        x = randn(g, B, T, C)
         mask, kwargs = None, {}
         if kind == "causal":
             mask = torch.ones(T, T, dtype=torch.bool).tril()
@@ -147,5 +143,5 @@ def _():
              ("x (2, 3, 6), positions [3, 0, 5], base=500", (2, 3, 6), torch.tensor([3, 0, 5]), {"base": 500.0}, 1e-5),
              ("x (1, 2, 32), large positions [1000, 4000]", (1, 2, 32), torch.tensor([1000, 4000]), {}, 3e-3)]
     for name, shape, pos, kwargs, atol in cases:
-        x = _randn(g, *shape)
+        x = randn(g, *shape)
         yield Case(name, args=(x, pos), kwargs=kwargs, expected=reference(x, pos, **kwargs), atol=atol)

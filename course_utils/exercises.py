@@ -38,8 +38,13 @@ class Case:
     name: str  # what the input is, shown when the case fails, e.g. "logits (4, 10), one large value"
     args: tuple = ()  # positional arguments; tensors are cloned before every call
     kwargs: dict = field(default_factory=dict)
-    expected: Any = None  # what the reference returned (tensor, number, tuple/dict of those)
+    # What the output should be, as a zero-argument function (a "thunk") that the trusted checker calls;
+    # the learner's process never computes it, so learner code cannot read it. Or give `reference`.
+    expected: Callable[[], Any] | None = None
+    reference: Callable[..., Any] | None = None  # an independent implementation run through the same `call`
     run: Callable[[Any], Any] | None = None  # custom call: run(obj) -> output (default obj(*args))
+    names: tuple[str, ...] | str | None = None  # what each output is, for verdicts ("h", "c") instead of output[0]
+    allow_mutation: bool = False  # by default a call that changes a tensor argument in place fails
     atol: float = 1e-5
     rtol: float = 1e-4
     check_dtype: bool = True  # tensors must match the expected dtype
@@ -62,6 +67,7 @@ class Exercise:
     reference: str  # "module:attribute" of the reference implementation, imported lazily
     hint: str = ""
     time_limit: float = DEFAULT_TIME_LIMIT
+    forbid: tuple[str, ...] = ()  # qualified names the learner must not call, e.g. "torch.nn.functional.cross_entropy"
 
     def load_reference(self) -> Any:
         module, _, attr = self.reference.partition(":")
@@ -74,13 +80,14 @@ class Exercise:
 _REGISTRY: dict[str, Exercise] = {}
 
 
-def exercise(id: str, title: str, *, reference: str, hint: str = "", time_limit: float = DEFAULT_TIME_LIMIT):
+def exercise(id: str, title: str, *, reference: str, hint: str = "", time_limit: float = DEFAULT_TIME_LIMIT,
+             forbid: Iterable[str] = ()):
     """Decorator registering a case generator as exercise `id`."""
 
     def register(make_cases: Callable[[], Iterable[Case]]):
         if id in _REGISTRY:
             raise ValueError(f"exercise {id} is registered twice")
-        _REGISTRY[id] = Exercise(id, title, make_cases, reference, hint, time_limit)
+        _REGISTRY[id] = Exercise(id, title, make_cases, reference, hint, time_limit, tuple(forbid))
         return make_cases
 
     return register
@@ -112,6 +119,15 @@ def get_exercise(exercise_id: str) -> Exercise:
 def reference(exercise_id: str) -> Any:
     """The package's reference implementation of an exercise."""
     return get_exercise(exercise_id).load_reference()
+
+
+def case_rng(seed: int) -> torch.Generator:
+    """The generator for one exercise's random case inputs: `seed` mixed with `COURSE_CHECK_SALT`.
+
+    The grader draws a fresh salt per grading run, so the graded inputs differ from the ones a learner
+    saw in class and hard-coded answers fail; the learner's process and the checker use the same salt.
+    """
+    return torch.Generator().manual_seed(seed + int(os.environ.get("COURSE_CHECK_SALT", "0") or 0))
 
 
 def randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -385,6 +401,10 @@ def _evaluate(ex: Exercise, obj: Any) -> CheckResult:
     if obj is None:
         return result("not attempted", 0, "Pass your function or class to check().")
     for i, case in enumerate(cases):
+        if case.reference is not None:
+            case.expected = case.call(case.reference)
+        elif callable(case.expected):
+            case.expected = case.expected()
         try:
             got = _run_with_deadline(lambda c=case: c.call(obj), deadline)
         except NotImplementedError:

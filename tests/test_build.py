@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from course_utils import REPO_URL
-from course_utils.build import build
+from course_utils.tools.build import build
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from checkkit import assert_check_contract, placeholder
 
-from course_utils import list_exercises, reference
+from course_utils import check, list_exercises, reference
 
 TESTS = Path(__file__).parent
 
@@ -23,6 +23,15 @@ def wrong_tables() -> dict[str, list]:
     return tables
 
 
+def correct_alternatives() -> dict[str, list]:
+    """CORRECT_ALTERNATIVES of the week modules: correct versions written differently from the reference."""
+    tables: dict[str, list] = {}
+    for module in _week_modules():
+        for exercise_id, alts in getattr(module, "CORRECT_ALTERNATIVES", {}).items():
+            tables.setdefault(exercise_id, []).extend(alts)
+    return tables
+
+
 def placeholders() -> dict:
     """PLACEHOLDERS of the week modules: class exercises need a placeholder class, not a function."""
     return {k: v for module in _week_modules() for k, v in getattr(module, "PLACEHOLDERS", {}).items()}
@@ -33,6 +42,16 @@ def test_check_contract(exercise_id):
     """The reference passes, the placeholder is 'not attempted', every wrong implementation fails."""
     assert_check_contract(exercise_id, wrong_tables().get(exercise_id, []),
                           placeholders().get(exercise_id, placeholder))
+
+
+@pytest.mark.parametrize("exercise_id", list_exercises())
+def test_correct_alternatives_pass(exercise_id):
+    """A check must not reject a correct answer that is written differently from the reference."""
+    alts = correct_alternatives().get(exercise_id, [])
+    assert len(alts) >= 2, f"{exercise_id}: add at least two correct alternative formulations to CORRECT_ALTERNATIVES"
+    for alt in alts:
+        res = check(exercise_id, alt, quiet=True)
+        assert res, f"{exercise_id} rejected the correct alternative {getattr(alt, '__name__', alt)!r}:\n{res}"
 
 
 def test_every_exercise_has_wrong_implementations_under_test():

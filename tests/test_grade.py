@@ -7,8 +7,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_utils.build import INSTRUCTOR_TAG
-from course_utils.grade import grade
+from course_utils.tools.build import INSTRUCTOR_TAG
+from course_utils.tools.grade import grade
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "02_autograd_engine.ipynb"  # quick in the smoke profile, with two exercises

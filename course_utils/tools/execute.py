@@ -1,7 +1,7 @@
 """Run one notebook in its own process with a time limit, never modifying the file.
 
 Shared by `course grade` (student submissions) and `course bench` (solution notebooks). The parent
-starts `python -m course_utils.execute` in a new process group so that a kernel stuck in an infinite
+starts `python -m course_utils.tools.execute` in a new process group so that a kernel stuck in an infinite
 loop is killed with everything it started; the child executes the notebook with nbclient and prints
 one JSON line with what happened.
 """
@@ -31,7 +31,7 @@ def run_notebook(path: Path, *, env: dict[str, str] | None = None, timeout: floa
                  cell_timeout: float = 300, allow_errors: bool = False) -> RunOutcome:
     """Execute notebook `path` in a fresh process and kernel; the file itself is only read."""
     path = Path(path).resolve()
-    cmd = [sys.executable, "-m", "course_utils.execute", str(path), "--cell-timeout", str(cell_timeout)]
+    cmd = [sys.executable, "-m", "course_utils.tools.execute", str(path), "--cell-timeout", str(cell_timeout)]
     if allow_errors:
         cmd.append("--allow-errors")
     full_env = {**os.environ, **(env or {})}

@@ -41,7 +41,7 @@ def repo_root() -> Path:
 
 def setup_source() -> str:
     """The first code cell of every notebook: install the package in Colab, then `setup()`."""
-    from . import REPO_URL
+    from .. import REPO_URL
 
     return (
         "# Setup: run this cell first. In Colab it installs the course package (about a minute).\n"
@@ -56,7 +56,7 @@ def setup_source() -> str:
 
 def badge(relpath: str) -> str:
     """Markdown for an 'Open in Colab' badge pointing at `relpath` in the repository."""
-    from . import REPO_URL
+    from .. import REPO_URL
 
     slug = REPO_URL.removeprefix("https://github.com/")
     url = f"https://colab.research.google.com/github/{slug}/blob/main/{relpath}"
@@ -132,7 +132,7 @@ def _title(nb) -> str:
 
 def notebook_table(root: Path) -> str:
     """The README's list of notebooks, each with Colab links to the student and solution versions."""
-    from . import REPO_URL
+    from .. import REPO_URL
 
     slug = REPO_URL.removeprefix("https://github.com/")
     lines = ["| week | notebook | open in Colab |", "|---|---|---|"]

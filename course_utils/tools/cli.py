@@ -45,7 +45,7 @@ def cmd_grade(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from . import data
+    from .. import data
 
     statuses = data.fetch(args.names or None)  # prints one line per item as it goes
     failed = [name for name, status in statuses.items() if status.startswith("failed")]
@@ -55,8 +55,8 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from . import data
-    from .runtime import describe, versions
+    from .. import data
+    from ..runtime import describe, versions
 
     print("Runtime")
     for key, value in describe().items():
@@ -98,7 +98,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_exercises(args) -> int:
-    from .exercises import get_exercise, list_exercises
+    from ..exercises import get_exercise, list_exercises
 
     for i in list_exercises(args.week):
         ex = get_exercise(i)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .execute import run_notebook
-from .runtime import versions
+from ..runtime import versions
 
 
 def hardware() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nbformat
 
-from .exercises import STATUSES, list_exercises
+from ..exercises import STATUSES, list_exercises
 from .execute import run_notebook
 
 _CHECK_CALL = re.compile(r"""\bcheck\(\s*["'](\d+\.\d+)["']""")

@@ -13,12 +13,9 @@ from __future__ import annotations
 import html
 import importlib
 import json
-import math
 import os
-import signal
-import threading
+import pkgutil
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -97,19 +94,28 @@ def _sort_key(exercise_id: str) -> tuple[int, ...]:
     return tuple(int(p) for p in exercise_id.split("."))
 
 
-def _load_all() -> None:
-    from . import checks  # noqa: F401  (importing registers every week's exercises)
+def _load_checks(week: str | None = None) -> None:
+    """Import the check modules (all, or one week's: `weekN.py` and `weekN_*.py`); importing registers them."""
+    from . import checks
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(checks.__path__)):
+        if week is None or module == f"week{week}" or module.startswith(f"week{week}_"):
+            importlib.import_module(f"{checks.__name__}.{module}")
+    # Exercises of the framework's own tests live outside the package (tests/toy_checks.py).
+    for module in filter(None, os.environ.get("COURSE_EXTRA_CHECKS", "").split(",")):
+        importlib.import_module(module)
 
 
 def list_exercises(week: int | None = None) -> list[str]:
     """Every registered exercise id, in order (optionally only one week's)."""
-    _load_all()
+    _load_checks()
     ids = sorted(_REGISTRY, key=_sort_key)
     return [i for i in ids if week is None or i.split(".")[0] == str(week)]
 
 
 def get_exercise(exercise_id: str) -> Exercise:
-    _load_all()
+    if str(exercise_id) not in _REGISTRY:
+        _load_checks(str(exercise_id).split(".")[0])
     try:
         return _REGISTRY[str(exercise_id)]
     except KeyError:
@@ -154,7 +160,6 @@ class CheckResult:
     case: str = ""  # the failing case's description
     hint: str = ""
     seconds: float = 0.0
-    obj_id: int = 0  # id() of the checked object, so `use` can reuse the verdict
     _shown: bool = field(default=False, repr=False)
 
     def __bool__(self) -> bool:
@@ -220,212 +225,94 @@ def _display(result: CheckResult) -> None:
     print(result)
 
 
-def _record(result: CheckResult) -> None:
-    """Append the verdict to `COURSE_RESULTS_FILE` (JSON lines) for the grader."""
-    path = os.environ.get("COURSE_RESULTS_FILE")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result.to_dict()) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------
-# Comparing outputs
+# Running a check: outputs from the learner's process, verdicts from a trusted one
 # ----------------------------------------------------------------------------------------------
-def _clone(value: Any) -> Any:
+def clone_inputs(value: Any) -> Any:
+    """A fresh copy of a case's inputs for every call, so one call cannot change the next one's inputs."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone().requires_grad_(value.requires_grad)
     if isinstance(value, np.ndarray):
         return value.copy()
     if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
+        return type(value)(clone_inputs(v) for v in value)
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
+        return {k: clone_inputs(v) for k, v in value.items()}
     return value
-
-
-def describe(value: Any) -> str:
-    """A short description of a value for verdicts: type, shape, dtype and a few numbers."""
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().flatten()[:6].tolist()
-        more = ", ..." if value.numel() > 6 else ""
-        nums = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in flat)
-        return f"tensor shape {tuple(value.shape)} {str(value.dtype).replace('torch.', '')} [{nums}{more}]"
-    if isinstance(value, np.ndarray):
-        return f"numpy array shape {value.shape} {value.dtype}"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    text = repr(value)
-    return text if len(text) < 80 else text[:77] + "..."
-
-
-def compare(got: Any, expected: Any, *, atol: float = 1e-5, rtol: float = 1e-4,
-            check_dtype: bool = True, path: str = "output") -> str | None:
-    """Return None when `got` matches `expected`, else a one-paragraph explanation."""
-    if isinstance(expected, torch.Tensor):
-        if isinstance(got, np.ndarray):
-            return f"{path}: expected a torch.Tensor, got a numpy array (use torch operations)."
-        if not isinstance(got, torch.Tensor):
-            return f"{path}: expected a torch.Tensor, got {type(got).__name__} ({describe(got)})."
-        if tuple(got.shape) != tuple(expected.shape):
-            return f"{path}: wrong shape. expected {tuple(expected.shape)}, got {tuple(got.shape)}."
-        if check_dtype and got.dtype != expected.dtype:
-            return f"{path}: wrong dtype. expected {expected.dtype}, got {got.dtype}."
-        g = got.detach().to("cpu")
-        e = expected.detach().to("cpu")
-        if not e.is_floating_point():
-            if not torch.equal(g.to(e.dtype), e):
-                bad = (g.to(e.dtype) != e).nonzero()[0].tolist()
-                return (f"{path}: values differ at index {tuple(bad)}.\n"
-                        f"expected {describe(e)}\ngot      {describe(g)}")
-            return None
-        g, e = g.double(), e.double()
-        if torch.isnan(g).any() and not torch.isnan(e).any():
-            return f"{path}: contains NaN where the reference is finite.\ngot {describe(got)}"
-        if torch.isinf(g).any() and not torch.isinf(e).any():
-            return f"{path}: contains inf where the reference is finite (overflow?).\ngot {describe(got)}"
-        if not torch.allclose(g, e, atol=atol, rtol=rtol, equal_nan=True):
-            diff = (g - e).abs().nan_to_num(0.0)
-            idx = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), tuple(e.shape))) if e.dim() else ()
-            return (f"{path}: values differ. max abs diff {diff.max().item():.3g} at index {idx} "
-                    f"(tolerance atol={atol:g}, rtol={rtol:g}).\n"
-                    f"expected {describe(expected)}\ngot      {describe(got)}")
-        return None
-    if isinstance(expected, (tuple, list)):
-        if not isinstance(got, (tuple, list)):
-            return f"{path}: expected a {type(expected).__name__} of {len(expected)} items, got {type(got).__name__}."
-        if len(got) != len(expected):
-            return f"{path}: expected {len(expected)} items, got {len(got)}."
-        for i, (g, e) in enumerate(zip(got, expected)):
-            msg = compare(g, e, atol=atol, rtol=rtol, check_dtype=check_dtype, path=f"{path}[{i}]")
-            if msg:
-                return msg
-        return None
-    if isinstance(expected, dict):
-        if not isinstance(got, dict):
-            return f"{path}: expected a dict with keys {sorted(expected)}, got {type(got).__name__}."
-        missing = [k for k in expected if k not in got]
-        if missing:
-            return f"{path}: missing keys {missing}."
-        for k, e in expected.items():
-            msg = compare(got[k], e, atol=atol, rtol=rtol, check_dtype=check_dtype, path=f"{path}[{k!r}]")
-            if msg:
-                return msg
-        return None
-    if isinstance(expected, bool) or expected is None or isinstance(expected, str):
-        return None if got == expected else f"{path}: expected {expected!r}, got {describe(got)}."
-    if isinstance(expected, (int, float)):
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if isinstance(got, np.generic):
-            got = got.item()
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
-            return f"{path}: expected a number, got {type(got).__name__} ({describe(got)})."
-        if math.isnan(got) and not math.isnan(expected):
-            return f"{path}: got NaN, expected {expected:.6g}."
-        if not math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
-            return f"{path}: expected {expected:.6g}, got {got:.6g} (abs diff {abs(got - expected):.3g})."
-        return None
-    return None if got == expected else f"{path}: expected {describe(expected)}, got {describe(got)}."
-
-
-# ----------------------------------------------------------------------------------------------
-# Running learner code safely
-# ----------------------------------------------------------------------------------------------
-class _TimeLimit(BaseException):
-    """Raised inside learner code when the time limit expires (BaseException: `except Exception` won't eat it)."""
-
-
-def _run_with_deadline(fn: Callable[[], Any], deadline: float) -> Any:
-    """Run fn(), interrupting it at `deadline` (time.monotonic). SIGALRM on the main thread, else a watcher thread."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise _TimeLimit()
-    if hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread():
-        def on_alarm(signum, frame):
-            raise _TimeLimit()
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, remaining)
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-    # Fallback (Windows, or called from a thread): the learner's code keeps running in a daemon thread.
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported as a verdict
-            box["error"] = exc
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(remaining)
-    if worker.is_alive():
-        raise _TimeLimit()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def _learner_error(exc: BaseException) -> str:
-    """The exception and the last frame of learner code, without our package's frames."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "course_utils" not in f.filename.replace("\\", "/")]
-    where = ""
-    if frames:
-        f = frames[-1]
-        where = f"\n   at line {f.lineno}: {f.line}" if f.line else f"\n   at line {f.lineno}"
-    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _strict() -> bool:
     return os.environ.get("COURSE_STRICT", "0") == "1"
 
 
-_LAST: dict[str, CheckResult] = {}
+def _is_package_object(obj: Any) -> bool:
+    """True for the course's own implementations (e.g. what `use()` or `reference()` returned)."""
+    module = getattr(obj, "__module__", None) or ""
+    return isinstance(module, str) and (module == "course_utils" or module.startswith("course_utils."))
+
+
+def _fingerprint(obj: Any) -> Any:
+    """What must stay the same for a cached verdict to still hold: the code, not only the object's id."""
+    if isinstance(obj, type):
+        return (obj, tuple((k, _fingerprint(v)) for k, v in vars(obj).items() if callable(v) or isinstance(v, (staticmethod, classmethod))))
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        cells = tuple(id(c.cell_contents) if c is not None else 0 for c in (getattr(obj, "__closure__", None) or ())
+                      if _has_contents(c))
+        return (obj, code, getattr(obj, "__defaults__", None), cells)
+    if isinstance(obj, staticmethod | classmethod):
+        return _fingerprint(obj.__func__)
+    return (obj,)
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
+
+
+_JUDGE = None
+
+
+def _judge_client():
+    global _JUDGE
+    if _JUDGE is None:
+        from .verdicts import JudgeClient
+
+        _JUDGE = JudgeClient()
+    return _JUDGE
+
+
+def _grading_record(ex: Exercise, record: dict) -> None:
+    """Under `course grade`: append the outputs (data, never a verdict) for the grader to judge itself."""
+    folder = os.environ.get("COURSE_OUTPUTS_DIR")
+    if folder:
+        with open(os.path.join(folder, "records.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"exercise": ex.id, "record": record}) + "\n")
 
 
 def _evaluate(ex: Exercise, obj: Any) -> CheckResult:
+    from .learner_run import run_cases
+
     start = time.monotonic()
-    deadline = start + ex.time_limit
-    cases = list(ex.make_cases())
-    total = len(cases)
-
-    def result(status: str, passed: int, message: str = "", case: Case | None = None) -> CheckResult:
-        hint = (case.hint if case is not None and case.hint else ex.hint) if status != "passed" else ""
-        return CheckResult(ex.id, ex.title, status, passed, total, message, case.name if case else "",
-                           hint, time.monotonic() - start, id(obj))
-
     if obj is None:
-        return result("not attempted", 0, "Pass your function or class to check().")
-    for i, case in enumerate(cases):
-        if case.reference is not None:
-            case.expected = case.call(case.reference)
-        elif callable(case.expected):
-            case.expected = case.expected()
-        try:
-            got = _run_with_deadline(lambda c=case: c.call(obj), deadline)
-        except NotImplementedError:
-            if i == 0:
-                return result("not attempted", 0)
-            return result("error", i, "NotImplementedError: part of the exercise is still a placeholder.", case)
-        except _TimeLimit:
-            return result("timeout", i, f"Stopped after {ex.time_limit:g} s: is there an infinite loop, "
-                                        "or a Python loop over every element?", case)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - learner code may raise anything, even SystemExit
-            return result("error", i, _learner_error(exc), case)
-        try:
-            problem = (case.compare(got, case.expected) if case.compare else
-                       compare(got, case.expected, atol=case.atol, rtol=case.rtol, check_dtype=case.check_dtype))
-        except Exception as exc:  # noqa: BLE001 - e.g. the learner returned an object that breaks comparison
-            problem = f"could not compare the output ({type(exc).__name__}: {exc}); got {describe(got)}"
-        if problem:
-            return result("failed", i, problem, case)
-    return result("passed", total)
+        record = {"status": "not attempted", "message": "Pass your function or class to check()."}
+    elif _is_package_object(obj):
+        record = {"status": "refused", "message": "this is the course's own implementation, not yours: "
+                                                  "pass the function or class you wrote in this notebook."}
+    else:
+        cases = list(ex.make_cases())  # inputs only: expected values are never computed in this process
+        record = run_cases(cases, obj, time_limit=ex.time_limit, forbid=ex.forbid)
+    _grading_record(ex, record)
+    v = _judge_client().judge(ex.id, record)
+    return CheckResult(ex.id, ex.title, v.get("status", "error"), int(v.get("passed", 0)), int(v.get("total", 0)),
+                       str(v.get("message", "")), str(v.get("case", "")), str(v.get("hint", "")),
+                       time.monotonic() - start)
+
+
+_LAST: dict[str, tuple[CheckResult, Any]] = {}
 
 
 def check(exercise_id: str, obj: Any = None, *, quiet: bool = False) -> CheckResult:
@@ -436,8 +323,7 @@ def check(exercise_id: str, obj: Any = None, *, quiet: bool = False) -> CheckRes
     """
     ex = get_exercise(exercise_id)
     res = _evaluate(ex, obj)
-    _LAST[ex.id] = res
-    _record(res)
+    _LAST[ex.id] = (res, _fingerprint(obj))
     if not quiet:
         _display(res)
     if _strict() and not res:
@@ -448,17 +334,19 @@ def check(exercise_id: str, obj: Any = None, *, quiet: bool = False) -> CheckRes
 def use(exercise_id: str, obj: Any = None) -> Any:
     """Return `obj` if it passes exercise `exercise_id`, else the package's reference implementation.
 
-    Reuses the verdict of the last `check` of the same object, so nothing runs twice.
+    Reuses the verdict of the last `check` of the very same object and code, so nothing runs twice; a
+    function redefined or changed since its check is checked again.
     """
     ex = get_exercise(exercise_id)
-    res = _LAST.get(ex.id)
-    if res is None or res.obj_id != id(obj) or obj is None:
+    cached = _LAST.get(ex.id)
+    if cached is not None and obj is not None and cached[1] == _fingerprint(obj):
+        res = cached[0]
+    else:
         res = _evaluate(ex, obj)
-        _LAST[ex.id] = res
+        _LAST[ex.id] = (res, _fingerprint(obj))
         if _strict() and not res:
             raise ExerciseCheckFailed(str(res))
     if res:
         return obj
     print(f"↪ {ex.id} {ex.title}: {res.status}; continuing with the reference `{ex.reference.replace(':', '.')}`.")
     return ex.load_reference()
-

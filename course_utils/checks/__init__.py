@@ -1,10 +1,3 @@
-"""Every week's exercise checks. Importing this package registers them all.
-
-Each `weekN.py` module defines its exercises with `@exercise(...)`; modules are discovered
-automatically, so adding a week needs no edit here.
-"""
-import importlib
-import pkgutil
-
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    importlib.import_module(f"{__name__}.{_module}")
+"""Every week's exercise checks, one module per week (`weekN.py`, or `weekN_<part>.py` when a week's
+checks are written in parts). `course_utils.exercises` imports them on demand: a check of exercise
+"3.2" imports only week 3's modules."""

@@ -128,7 +128,7 @@ class Value:
         return self._lift(other) / self
 
     def backward(self) -> None:
-        """Fill `.grad` of every node this value depends on with d(self)/d(node)."""
+        """Add d(self)/d(leaf) into `.grad` of every leaf this value depends on (see `backward`)."""
         backward(self)
 
 
@@ -148,15 +148,19 @@ def topological_order(root: Value) -> list[Value]:
 
 
 def backward(root: Value) -> None:
-    """Reverse-mode autodiff: zero every grad, seed d(root)/d(root) = 1, run the closures output-first.
+    """Reverse-mode autodiff: add d(root)/d(leaf) into the `.grad` of every leaf `root` depends on.
 
-    Reverse topological order guarantees a node's `.grad` is complete (every consumer has added its
-    share) before the node passes it on to its own inputs.
+    Like `torch.Tensor.backward`: gradients *accumulate* in leaves (nodes with no inputs: parameters,
+    inputs), so two backward passes add up, which is why training loops call `zero_grad()` before each
+    one. A non-leaf node's grad is scratch space for this pass: it starts at 0, collects the share of
+    every node that uses it, then is passed on. Reverse topological order guarantees a node's grad is
+    complete (every consumer has added its share) before the node runs its own `_backward`.
     """
     order = topological_order(root)
     for v in order:
-        v.grad = 0.0  # so calling backward twice gives the same answer instead of doubling it
-    root.grad = 1.0
+        if v._prev:
+            v.grad = 0.0  # intermediate results start every pass empty (PyTorch does not even keep them)
+    root.grad += 1.0  # d(root)/d(root) = 1
     for v in reversed(order):
         v._backward()
 
@@ -171,6 +175,7 @@ class Module:
         return []
 
     def zero_grad(self) -> None:
+        """Reset every parameter's grad to 0: `backward` adds into it, so call this before each step."""
         for p in self.parameters():
             p.grad = 0.0
 

@@ -5,7 +5,7 @@ Week 1 derives every piece of this (weighted sums, nonlinearities, backprop); la
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,11 +20,14 @@ class MLP(nn.Module):
         sizes: layer widths, input first and output last, e.g. ``(64, 128, 10)``.
         activation: one of ``"relu"``, ``"tanh"``, ``"sigmoid"``, ``"gelu"``.
         dropout: probability of zeroing a hidden unit during training (0 disables it).
+        norm: a normalisation layer class such as ``nn.BatchNorm1d`` (or week 1's ``BatchNorm1d``),
+            called with the width and inserted between each hidden Linear layer and its activation.
 
     Nothing follows the last Linear layer: the output is raw logits (or a regression value).
     """
 
-    def __init__(self, sizes: Sequence[int], *, activation: str = "relu", dropout: float = 0.0):
+    def __init__(self, sizes: Sequence[int], *, activation: str = "relu", dropout: float = 0.0,
+                 norm: Callable[[int], nn.Module] | None = None):
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2:
@@ -36,6 +39,8 @@ class MLP(nn.Module):
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(sizes) - 2:  # hidden layers only: the output stays linear
+                if norm is not None:
+                    layers.append(norm(fan_out))
                 layers.append(ACTIVATIONS[activation]())
                 if dropout > 0:
                     layers.append(nn.Dropout(dropout))
@@ -100,14 +105,72 @@ def dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generato
     if not training or p == 0:
         return x
     if p >= 1:
-        return torch.zeros_like(x)  # everything dropped (and 1/(1-p) would divide by zero)
-    keep = torch.rand(x.shape, generator=generator) >= p
+        return x * 0  # everything dropped (1/(1-p) would divide by zero); x * 0 keeps the graph, like F.dropout
+    keep = torch.rand(x.shape, generator=generator) >= p  # a new tensor: x itself is never modified
     return x * keep / (1 - p)
+
+
+class BatchNorm1d(nn.Module):
+    """Batch normalisation (Ioffe & Szegedy 2015) of (B, C) inputs, with `nn.BatchNorm1d`'s conventions.
+
+    Training: each feature is normalised with the batch's mean and *biased* variance,
+    y = (x - mean) / sqrt(var + eps) * weight + bias, and the running estimates move towards the batch's:
+    running = (1 - momentum) * running + momentum * batch statistic (torch keeps the *unbiased* variance).
+    Evaluation: the running estimates replace the batch's, so an example's output no longer depends on
+    the rest of its batch. The running statistics are buffers: they move with `.to()` and are saved.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))  # gamma: the scale the layer may learn back
+        self.bias = nn.Parameter(torch.zeros(num_features))  # beta: the shift
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def extra_repr(self) -> str:
+        return f"{len(self.weight)}, eps={self.eps:g}, momentum={self.momentum:g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean = x.mean(dim=0)  # (C,) one mean per feature, over the batch
+            var = x.var(dim=0, unbiased=False)  # (C,) biased: the variance of this batch itself
+            n = x.shape[0]
+            with torch.no_grad():  # running estimates are bookkeeping, not part of the graph
+                self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * mean
+                self.running_var = (1 - self.momentum) * self.running_var + self.momentum * var * n / (n - 1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias  # (B, C)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training a small classifier on in-memory tensors, and looking inside it
 # ----------------------------------------------------------------------------------------------
+def split_digits(seed: int = 0) -> dict[str, torch.Tensor]:
+    """scikit-learn's 8x8 digits, split once at random: 70% train, 15% validation, 15% test.
+
+    Returns X, y (1257 training digits), X_val, y_val (269) and X_test, y_test (271): X float32 (N, 64)
+    in [0, 1], y int64 (N,).
+    """
+    from .data import load_digits
+
+    X_np, y_np = load_digits()
+    X, y = torch.from_numpy(X_np), torch.from_numpy(y_np)  # (1797, 64), (1797,)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    n_train, n_val = int(0.7 * len(X)), int(0.15 * len(X))
+    parts = {"": perm[:n_train], "_val": perm[n_train:n_train + n_val], "_test": perm[n_train + n_val:]}
+    return {f"{name}{suffix}": t[idx] for suffix, idx in parts.items() for name, t in (("X", X), ("y", y))}
+
+
+def minibatches(X: torch.Tensor, y: torch.Tensor, batch_size: int,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch: shuffle once, then yield consecutive (X, y) batches (the last one may be smaller)."""
+    order = torch.randperm(len(X), generator=generator)
+    for i in range(0, len(X), batch_size):
+        idx = order[i:i + batch_size]
+        yield X[idx], y[idx]  # (batch, ...), (batch,)
+
 @torch.no_grad()
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
     """Fraction of rows of X whose argmax logit equals y (model in eval mode)."""
@@ -170,9 +233,31 @@ def hidden_activations(model: MLP, X: torch.Tensor) -> list[torch.Tensor]:
     outs, h = [], X
     for module in model.net:
         h = module(h)
-        if not isinstance(module, (nn.Linear, nn.Dropout)):
+        if isinstance(module, tuple(ACTIVATIONS.values())):
             outs.append(h)
     return outs
+
+
+def layer_statistics(model: MLP, X: torch.Tensor, y: torch.Tensor, *, saturated: float = 0.97) -> dict[str, list[float]]:
+    """Health of every hidden layer on one batch, after one backward pass of the cross-entropy loss.
+
+    Returns lists with one entry per hidden layer: `act_std` (std of the activation output),
+    `saturated` (share of |activation| > `saturated`: tanh units whose slope is below ~0.06),
+    `act_grad_std` (std of d loss / d activation) and `weight_grad_norm` (norm of d loss / d W of the
+    Linear layer feeding it). The model's gradients are left as they are (zero them before training).
+    """
+    acts, h = [], X
+    for module in model.net:
+        h = module(h)
+        if isinstance(module, tuple(ACTIVATIONS.values())):
+            h.retain_grad()  # keep d loss / d h of this non-leaf tensor after backward
+            acts.append(h)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(h, y).backward()
+    return {"act_std": [a.std().item() for a in acts],
+            "saturated": [(a.abs() > saturated).float().mean().item() for a in acts],
+            "act_grad_std": [a.grad.std().item() for a in acts],
+            "weight_grad_norm": [lin.weight.grad.norm().item() for lin in model.linears[:len(acts)]]}
 
 
 def plot_activation_histograms(acts: list[torch.Tensor], *, axes=None, title: str = "", bins: int = 60):

@@ -2,9 +2,10 @@
 sampling with temperature, gradient clipping and gradient-norm measurement (week 2).
 
 Built in teaching order: one cell step (`rnn_cell_step`) -> the loss of an unrolled sequence
-(`bptt_loss`) -> gated cells (`lstm_cell_step`, `gru_cell_step`) -> `nn.Module` cells that load
-PyTorch's weights -> `Recurrent` (a stack of cells unrolled over time, drop-in for `nn.RNN`/`nn.LSTM`/
-`nn.GRU` with `batch_first=True`) -> `CharLM` -> `generate`. Math convention: row vectors,
+(`bptt_loss`) -> gated cells (`lstm_cell_step`, `gru_cell_step`) -> a layer that reads both ways
+(`bidirectional_rnn`) -> `nn.Module` cells that load PyTorch's weights -> `Recurrent` (stacked,
+optionally bidirectional cells unrolled over time, drop-in for `nn.RNN`/`nn.LSTM`/`nn.GRU` with
+`batch_first=True`) -> `CharLM` -> `generate`. Math convention: row vectors,
 `x @ W`, so `W_x` is (input, gates*hidden); PyTorch stores the transpose (`weight_ih` is
 (gates*hidden, input)) in the gate order i, f, g, o (LSTM) and r, z, n (GRU).
 The production versions (cuDNN) fuse all time steps into one kernel; the maths is the same.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import matplotlib.pyplot as plt
 import torch
@@ -108,12 +109,30 @@ def gru_cell_step(x: torch.Tensor, h: torch.Tensor, W_x: torch.Tensor, W_h: torc
     return (1 - z) * n + z * h
 
 
+def bidirectional_rnn(x: torch.Tensor, fwd: tuple[torch.Tensor, ...], bwd: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A bidirectional RNN layer (Schuster & Paliwal 1997): x (B, T, I) -> (B, T, 2H).
+
+    One RNN reads left to right with fwd = (W_xh, W_hh, b), another right to left with bwd, both from
+    h = 0; position t gets [forward h_t, backward h_t], so it sees the whole sequence on both sides.
+    """
+    B, T, _ = x.shape
+    h_f = x.new_zeros(B, fwd[1].shape[0])
+    h_b = x.new_zeros(B, bwd[1].shape[0])
+    outs_f, outs_b = [], []
+    for t in range(T):
+        h_f = rnn_cell_step(x[:, t], h_f, *fwd)  # has read x_0 .. x_t
+        h_b = rnn_cell_step(x[:, T - 1 - t], h_b, *bwd)  # has read x_{T-1} .. x_{T-1-t}
+        outs_f.append(h_f)
+        outs_b.append(h_b)
+    return torch.cat([torch.stack(outs_f, dim=1), torch.stack(outs_b[::-1], dim=1)], dim=-1)  # (B, T, 2H)
+
+
 # ----------------------------------------------------------------------------------------------
 # Cells as modules (loadable from PyTorch's weights) and an unrolled multi-layer model
 # ----------------------------------------------------------------------------------------------
-def _torch_weights(module: nn.Module, layer: int = 0) -> tuple[torch.Tensor, ...]:
-    """(weight_ih, weight_hh, bias_ih, bias_hh) of an nn.*Cell, or of one layer of nn.RNN/LSTM/GRU."""
-    sfx = "" if hasattr(module, "weight_ih") else f"_l{layer}"
+def _torch_weights(module: nn.Module, layer: int = 0, reverse: bool = False) -> tuple[torch.Tensor, ...]:
+    """(weight_ih, weight_hh, bias_ih, bias_hh) of an nn.*Cell, or of one layer (and direction) of nn.RNN/LSTM/GRU."""
+    sfx = "" if hasattr(module, "weight_ih") else f"_l{layer}" + ("_reverse" if reverse else "")
     return tuple(getattr(module, name + sfx).detach() for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
 
@@ -137,8 +156,8 @@ class RNNCell(nn.Module):
         return self.W_hh.new_zeros(batch_size, self.hidden_size)
 
     @torch.no_grad()
-    def load_torch(self, module: nn.Module, layer: int = 0) -> "RNNCell":
-        w_ih, w_hh, b_ih, b_hh = _torch_weights(module, layer)
+    def load_torch(self, module: nn.Module, layer: int = 0, reverse: bool = False) -> "RNNCell":
+        w_ih, w_hh, b_ih, b_hh = _torch_weights(module, layer, reverse)
         self.W_xh.copy_(w_ih.T), self.W_hh.copy_(w_hh.T), self.b.copy_(b_ih + b_hh)
         return self
 
@@ -166,8 +185,8 @@ class LSTMCell(nn.Module):
         return zeros, zeros.clone()
 
     @torch.no_grad()
-    def load_torch(self, module: nn.Module, layer: int = 0) -> "LSTMCell":
-        w_ih, w_hh, b_ih, b_hh = _torch_weights(module, layer)
+    def load_torch(self, module: nn.Module, layer: int = 0, reverse: bool = False) -> "LSTMCell":
+        w_ih, w_hh, b_ih, b_hh = _torch_weights(module, layer, reverse)
         self.W_x.copy_(w_ih.T), self.W_h.copy_(w_hh.T), self.b.copy_(b_ih + b_hh)
         return self
 
@@ -193,8 +212,8 @@ class GRUCell(nn.Module):
         return self.W_h.new_zeros(batch_size, self.hidden_size)
 
     @torch.no_grad()
-    def load_torch(self, module: nn.Module, layer: int = 0) -> "GRUCell":
-        w_ih, w_hh, b_ih, b_hh = _torch_weights(module, layer)
+    def load_torch(self, module: nn.Module, layer: int = 0, reverse: bool = False) -> "GRUCell":
+        w_ih, w_hh, b_ih, b_hh = _torch_weights(module, layer, reverse)
         self.W_x.copy_(w_ih.T), self.W_h.copy_(w_hh.T), self.b_x.copy_(b_ih), self.b_h.copy_(b_hh)
         return self
 
@@ -214,33 +233,75 @@ def unroll(cell: nn.Module, x: torch.Tensor, state: State | None = None) -> tupl
 
 
 class Recurrent(nn.Module):
-    """Stacked from-scratch cells, unrolled in Python; same interface and state layout as
-    `nn.RNN`/`nn.LSTM`/`nn.GRU(batch_first=True)`: state h (L, B, H), or (h, c) for the LSTM."""
+    """Stacked, optionally bidirectional from-scratch cells, unrolled in Python; same interface and state
+    layout as `nn.RNN`/`nn.LSTM`/`nn.GRU(batch_first=True)`: state h (L*D, B, H) ordered layer 0 forward,
+    layer 0 backward, layer 1 forward, ... (D = 2 directions if bidirectional), or (h, c) for the LSTM.
 
-    def __init__(self, kind: str, input_size: int, hidden_size: int, num_layers: int = 1):
+    Layer l+1 reads the outputs of layer l: (B, T, D*H), both directions concatenated.
+    """
+
+    def __init__(self, kind: str, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False):
         super().__init__()
-        self.kind = kind
-        sizes = [input_size] + [hidden_size] * num_layers
-        self.cells = nn.ModuleList(CELLS[kind](i, hidden_size) for i in sizes[:-1])
+        self.kind, self.bidirectional = kind, bidirectional
+        D = 2 if bidirectional else 1
+        sizes = [input_size] + [D * hidden_size] * (num_layers - 1)
+        self.cells = nn.ModuleList(CELLS[kind](i, hidden_size) for i in sizes)
+        self.reverse_cells = nn.ModuleList(CELLS[kind](i, hidden_size) for i in sizes) if bidirectional else None
+
+    def _state(self, state: State | None, k: int) -> State | None:
+        """Entry k of a stacked state (torch's layout), or None."""
+        if state is None:
+            return None
+        return (state[0][k], state[1][k]) if self.kind == "lstm" else state[k]
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        finals = []
+        D = 2 if self.bidirectional else 1
+        finals = []  # final state of every (layer, direction), in torch's order
         for layer, cell in enumerate(self.cells):
-            layer_state = None
-            if state is not None:
-                layer_state = (state[0][layer], state[1][layer]) if self.kind == "lstm" else state[layer]
-            x, last = unroll(cell, x, layer_state)  # (B, T, H)
+            out, last = unroll(cell, x, self._state(state, D * layer))  # (B, T, H)
             finals.append(last)
+            if self.bidirectional:
+                out_b, last_b = unroll(self.reverse_cells[layer], x.flip(1), self._state(state, D * layer + 1))
+                out = torch.cat([out, out_b.flip(1)], dim=-1)  # (B, T, 2H): back in reading order
+                finals.append(last_b)
+            x = out
         if self.kind == "lstm":
             return x, (torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals]))
-        return x, torch.stack(finals)  # (L, B, H)
+        return x, torch.stack(finals)  # (L*D, B, H)
 
     @torch.no_grad()
     def load_torch(self, module: nn.Module) -> "Recurrent":
-        """Copy the weights of an nn.RNN/LSTM/GRU with the same sizes."""
+        """Copy the weights of an nn.RNN/LSTM/GRU with the same sizes (and directions)."""
         for layer, cell in enumerate(self.cells):
             cell.load_torch(module, layer)
+            if self.bidirectional:
+                self.reverse_cells[layer].load_torch(module, layer, reverse=True)
         return self
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable numbers in a model."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def hidden_size_for(target_params: int, build: Callable[[int], nn.Module]) -> int:
+    """The hidden size h whose model `build(h)` has the parameter count closest to `target_params`.
+
+    For like-for-like comparisons: an RNN, a GRU and an LSTM of equal *parameter count* have different
+    widths (a GRU unit has 3x, an LSTM unit 4x the weights of an RNN unit). Models are built on the
+    meta device, so nothing is allocated.
+    """
+    def size(h: int) -> int:
+        with torch.device("meta"):
+            return count_parameters(build(h))
+
+    lo, hi = 1, 2
+    while size(hi) < target_params:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the count grows with h: bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) < target_params else (lo, mid)
+    return min((lo, hi), key=lambda h: abs(size(h) - target_params))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +317,7 @@ class CharLMConfig:
     hidden_size: int = 256  # width of the hidden (and cell) state of every layer
     n_layers: int = 1  # stacked recurrent layers
     dropout: float = 0.0  # dropout between layers and before the output head
+    bidirectional: bool = False  # True: also read right to left (sees the future: not for next-token prediction)
     from_scratch: bool = False  # True: our cells unrolled in Python (slow, for teaching); False: torch's fused layers
 
     @classmethod
@@ -280,21 +342,26 @@ class CharLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         if config.from_scratch:
-            self.rnn = Recurrent(config.kind, config.n_embd, config.hidden_size, config.n_layers)
+            self.rnn = Recurrent(config.kind, config.n_embd, config.hidden_size, config.n_layers, config.bidirectional)
         else:
             self.rnn = TORCH_LAYERS[config.kind](config.n_embd, config.hidden_size, config.n_layers, batch_first=True,
-                                                 dropout=config.dropout if config.n_layers > 1 else 0.0)
+                                                 dropout=config.dropout if config.n_layers > 1 else 0.0,
+                                                 bidirectional=config.bidirectional)
         self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.head = nn.Linear(config.hidden_size * (2 if config.bidirectional else 1), config.vocab_size)
 
     def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """idx (B, T) -> logits (B, T, V) and the final state (pass it back in to continue the text)."""
-        out, state = self.rnn(self.embed(idx), state)  # (B, T, H)
+        out, state = self.rnn(self.embed(idx), state)  # (B, T, H), or (B, T, 2H) if bidirectional
         return self.head(self.drop(out)), state
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a model returning (logits, state); fits `train_loop`'s loss_fn."""
+    """Mean next-token cross-entropy of a model returning (logits, state); fits `train_loop`'s loss_fn.
+
+    Targets equal to -100 are ignored (F.cross_entropy's ignore_index): a masked-token task scores
+    only its masked positions with the same function.
+    """
     logits, _ = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # (B*T, V) vs (B*T,)
 
@@ -379,7 +446,7 @@ class SequenceClassifier(nn.Module):
     """Many-to-one: embed tokens, run a recurrent layer, classify from the last hidden state."""
 
     def __init__(self, kind: str, vocab_size: int, n_classes: int, hidden_size: int = 64, n_embd: int = 16,
-                 keep_bias: float = 3.0):
+                 keep_bias: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, n_embd)
         self.rnn = TORCH_LAYERS[kind](n_embd, hidden_size, batch_first=True)
@@ -393,17 +460,23 @@ class SequenceClassifier(nn.Module):
         return self.head(out[:, -1])  # (B, n_classes)
 
 
-def train_recall(kind: str, delay: int, *, steps: int, batch_size: int = 64, hidden_size: int = 64, lr: float = 3e-3,
-                 clip: float = 1.0, n_symbols: int = 8, keep_bias: float = 3.0, eval_size: int = 1000,
-                 seed: int = 0, device: torch.device | None = None) -> float:
-    """Train a SequenceClassifier of `kind` on the recall task with this delay; return test accuracy.
+def recall_classifier(kind: str, hidden_size: int, n_symbols: int = 8, keep_bias: float = 0.0) -> SequenceClassifier:
+    """The model of the recall task: vocabulary of 2K+1 tokens (symbols, distractors, GO), K classes."""
+    return SequenceClassifier(kind, 2 * n_symbols + 1, n_symbols, hidden_size, keep_bias=keep_bias)
 
-    Adam with gradient clipping; the gated models start with their keep gate open (`keep_bias`).
+
+def fit_recall(kind: str, delay: int, *, steps: int, batch_size: int = 64, hidden_size: int = 64, lr: float = 3e-3,
+               clip: float = 1.0, n_symbols: int = 8, keep_bias: float = 0.0, seed: int = 0,
+               device: torch.device | None = None) -> SequenceClassifier:
+    """Train a recall classifier of `kind` with this delay: Adam with gradient clipping, fresh batches each step.
+
+    `keep_bias` is added to the bias of the LSTM's forget gate or the GRU's update gate at init (0 is
+    PyTorch's default); it has no meaning for the vanilla RNN.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = device or torch.device("cpu")
-    model = SequenceClassifier(kind, 2 * n_symbols + 1, n_symbols, hidden_size, keep_bias=keep_bias).to(device)
+    model = recall_classifier(kind, hidden_size, n_symbols, keep_bias).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     with one_cpu_thread(device):  # a model this small is latency-bound: one thread beats several fighting over cores
         for _ in range(steps):
@@ -413,9 +486,38 @@ def train_recall(kind: str, delay: int, *, steps: int, batch_size: int = 64, hid
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-        x, y = recall_batch(eval_size, delay, n_symbols, n_symbols, generator=torch.Generator().manual_seed(seed + 1))
-        with torch.no_grad():
-            return float((model(x.to(device)).argmax(-1).cpu() == y).float().mean())
+    return model
+
+
+@torch.no_grad()
+def recall_accuracy(model: nn.Module, delay: int, *, n_symbols: int = 8, eval_size: int = 1000, seed: int = 1) -> float:
+    """Accuracy on `eval_size` fresh sequences (the same ones for every model with the same seed)."""
+    device = next(model.parameters()).device
+    x, y = recall_batch(eval_size, delay, n_symbols, n_symbols, generator=torch.Generator().manual_seed(seed))
+    return float((model(x.to(device)).argmax(-1).cpu() == y).float().mean())
+
+
+def train_recall(kind: str, delay: int, *, steps: int, batch_size: int = 64, hidden_size: int = 64, lr: float = 3e-3,
+                 clip: float = 1.0, n_symbols: int = 8, keep_bias: float = 0.0, eval_size: int = 1000,
+                 seed: int = 0, device: torch.device | None = None) -> float:
+    """`fit_recall`, then the test accuracy on `eval_size` fresh sequences."""
+    model = fit_recall(kind, delay, steps=steps, batch_size=batch_size, hidden_size=hidden_size, lr=lr, clip=clip,
+                       n_symbols=n_symbols, keep_bias=keep_bias, seed=seed, device=device)
+    return recall_accuracy(model, delay, n_symbols=n_symbols, eval_size=eval_size, seed=seed + 1)
+
+
+@torch.no_grad()
+def lstm_gates(cell: LSTMCell, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gate activations of an LSTM cell along x (B, T, I): {"i", "f", "g", "o"} -> (B, T, H) each."""
+    state = cell.init_state(x.shape[0])
+    gates: dict[str, list[torch.Tensor]] = {k: [] for k in "ifgo"}
+    for t in range(x.shape[1]):
+        h, c = state
+        i, f, g, o = (x[:, t] @ cell.W_x + h @ cell.W_h + cell.b).chunk(4, dim=-1)  # 4 x (B, H)
+        for k, v in zip("ifgo", (i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid())):
+            gates[k].append(v)
+        state = cell(x[:, t], state)
+    return {k: torch.stack(v, dim=1) for k, v in gates.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +541,7 @@ def plot_accuracy_vs_delay(delays: list[int], accuracy: dict[str, list[float]], 
                            ax: plt.Axes | None = None) -> plt.Axes:
     """Test accuracy of each model against the delay of the recall task."""
     ax = ax or plt.subplots()[1]
-    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]  # distinct, so overlapping curves stay visible
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "--"), ("P", ":")]  # overlapping curves stay visible
     for (label, acc), (marker, ls) in zip(accuracy.items(), styles * len(accuracy)):
         ax.plot(delays, acc, marker=marker, ls=ls, label=label)
     if chance is not None:

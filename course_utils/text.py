@@ -4,10 +4,13 @@ Week 2 builds its language models on this; later weeks reuse it (week 4 swaps th
 vocabulary for a BPE tokenizer and keeps the batching). Two ways to cut batches:
 `random_windows` (independent windows, the usual choice) and `stream_batches` (consecutive chunks
 of B parallel streams, so a recurrent model can carry its hidden state from one batch to the next:
-truncated backpropagation through time).
+truncated backpropagation through time). Two ways to hold text out: `train_val_split` (the tail)
+and `held_out_play_split` (the tail, starting where a new play's cast takes over, so no play is in
+both parts). `masked_windows` makes fill-in-the-blank batches.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -66,6 +69,44 @@ def train_val_split(data: torch.Tensor, val_fraction: float = 0.1) -> tuple[torc
     return data[:-n_val], data[-n_val:]
 
 
+_SPEECH = re.compile(r"(?:^|\n\n)([A-Za-z][A-Za-z' ,&-]*):\n")  # "\n\nFIRST CITIZEN:\n" (tiny-shakespeare format)
+
+
+def speeches(corpus: str) -> list[tuple[int, str]]:
+    """(character offset, SPEAKER) of every speech in a play text of the tiny-shakespeare format."""
+    return [(m.start(1), m.group(1).upper()) for m in _SPEECH.finditer(corpus)]
+
+
+def held_out_play_split(corpus: str, val_fraction: float = 0.1, *, window: int = 100) -> int:
+    """Character offset where a held-out tail made of whole plays begins (near `1 - val_fraction`).
+
+    The corpus marks no play boundaries, but each play has its own cast: at a boundary the speakers
+    of the `window` speeches before and the `window` speeches after have (almost) no name in common,
+    inside a play they share many. Among speech starts within +-10% of the target, take the one with
+    the fewest shared names, nearest the target. Check the result with `cast_overlap`.
+    """
+    marks = speeches(corpus)
+    target = len(corpus) * (1 - val_fraction)
+    best: tuple[int, float, int] | None = None
+    for i in range(window, len(marks) - window):
+        offset = marks[i][0]
+        if abs(offset - target) > 0.1 * len(corpus):
+            continue
+        shared = len({s for _, s in marks[i - window:i]} & {s for _, s in marks[i:i + window]})
+        key = (shared, abs(offset - target), offset)
+        best = key if best is None or key < best else best
+    if best is None:
+        raise ValueError("too few speeches to find a play boundary; use train_val_split")
+    return best[2]
+
+
+def cast_overlap(train_text: str, val_text: str) -> float:
+    """Share of the speeches in `val_text` whose speaker also speaks in `train_text` (0 = unseen cast)."""
+    seen = {s for _, s in speeches(train_text)}
+    val = [s for _, s in speeches(val_text)]
+    return sum(s in seen for s in val) / max(1, len(val))
+
+
 def random_windows(data: torch.Tensor, batch_size: int, block_size: int, *,
                    generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +120,21 @@ def random_windows(data: torch.Tensor, batch_size: int, block_size: int, *,
     y = data[starts[:, None] + offsets + 1]  # (B, T)
     if device is not None:
         x, y = x.to(device), y.to(device)
+    return x, y
+
+
+def masked_windows(data: torch.Tensor, batch_size: int, block_size: int, mask_id: int, *, mask_rate: float = 0.15,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill-in-the-blank batches: B random windows with a `mask_rate` share of positions replaced by `mask_id`.
+
+    Returns x (B, T) with the blanks, and y (B, T) holding the hidden character at each blank and
+    -100 elsewhere (F.cross_entropy ignores -100), so the loss scores only the blanks.
+    """
+    starts = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator)
+    windows = data[starts[:, None] + torch.arange(block_size)]  # (B, T)
+    blank = torch.rand(windows.shape, generator=generator) < mask_rate  # (B, T) bool
+    x = windows.masked_fill(blank, mask_id)
+    y = windows.masked_fill(~blank, -100)
     return x, y
 
 

@@ -304,7 +304,7 @@ def _evaluate(ex: Exercise, obj: Any) -> CheckResult:
                                                   "pass the function or class you wrote in this notebook."}
     else:
         cases = list(ex.make_cases())  # inputs only: expected values are never computed in this process
-        record = run_cases(cases, obj, time_limit=ex.time_limit, forbid=ex.forbid)
+        record = run_cases(cases, obj, time_limit=ex.time_limit, forbid=ex.forbid, reference=ex.load_reference())
     _grading_record(ex, record)
     v = _judge_client().judge(ex.id, record)
     return CheckResult(ex.id, ex.title, v.get("status", "error"), int(v.get("passed", 0)), int(v.get("total", 0)),

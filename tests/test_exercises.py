@@ -173,6 +173,13 @@ def test_the_course_reference_is_refused():
     assert res.status == "failed" and "course's own implementation" in res.message
 
 
+def test_a_wrapper_around_the_course_reference_does_not_pass():
+    from course_utils import reference
+    res = check("0.1", lambda x: reference("0.1")(x), quiet=True)
+    assert res.status == "error" and "course's own implementation" in res.message, str(res)
+    assert reference("0.1")(torch.zeros(1, 2)).shape == (1, 2)  # blocked only inside the check
+
+
 def test_use_rechecks_a_redefined_function(capsys):
     def impl(x):
         return mine(x)

@@ -37,8 +37,11 @@ def cmd_grade(args) -> int:
         root = repo_root()
     except FileNotFoundError:
         root = None
+    from .sandbox import Limits
+
     out = Path(args.out or Path(args.folder) / "grades")
-    grade(Path(args.folder), out, root=root, profile=args.profile, timeout=args.timeout, cell_timeout=args.cell_timeout)
+    grade(Path(args.folder), out, root=root, profile=args.profile, timeout=args.timeout, cell_timeout=args.cell_timeout,
+          jobs=args.jobs, allow_no_sandbox=args.no_sandbox, limits=Limits(memory_mb=args.memory_mb))
     print(f"\nWrote {out / 'grades.csv'}, {out / 'grades_long.csv'} and {out / 'summary.md'}\n")
     print((out / "summary.md").read_text(encoding="utf-8"))
     return 0
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "gpu"])
     p.add_argument("--timeout", type=float, default=600, help="seconds per notebook")
     p.add_argument("--cell-timeout", type=float, default=120, help="seconds per cell")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="notebooks graded at once (default 1)")
+    p.add_argument("--memory-mb", type=int, default=8192, help="address-space limit per process in the sandbox")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="run without bubblewrap (only for submissions you trust: they could forge or harm others)")
     p.set_defaults(func=cmd_grade)
 
     p = sub.add_parser("fetch", help="fill the cache with the course's data and models")

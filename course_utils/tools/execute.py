@@ -45,12 +45,20 @@ def run_notebook(path: Path, *, env: dict[str, str] | None = None, timeout: floa
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return RunOutcome("timeout", time.perf_counter() - start, f"notebook exceeded {timeout:g} s")
-    seconds = time.perf_counter() - start
+    return parse_outcome(out, err, time.perf_counter() - start)
+
+
+def parse_outcome(out: str, err: str, seconds: float) -> RunOutcome:
+    """Read the one JSON line `main` prints; anything else means the run crashed."""
     for line in reversed(out.strip().splitlines()):
         if line.startswith("{"):
-            info = json.loads(line)
-            return RunOutcome(info["status"], seconds, info.get("error", ""), info.get("peak_rss_mb", 0.0))
-    return RunOutcome("crashed", seconds, (err.strip().splitlines() or ["no output"])[-1])
+            try:
+                info = json.loads(line)
+                return RunOutcome(str(info["status"])[:20], seconds, str(info.get("error", ""))[:500],
+                                  float(info.get("peak_rss_mb", 0.0)))
+            except (ValueError, KeyError, TypeError):
+                break
+    return RunOutcome("crashed", seconds, ((err or "").strip().splitlines() or ["no output"])[-1][:500])
 
 
 def _execute(path: Path, cell_timeout: float, allow_errors: bool) -> dict:

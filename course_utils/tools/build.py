@@ -12,8 +12,12 @@ For every `solutions/weekN_<slug>/NN_<slug>.ipynb` the build
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -126,6 +130,37 @@ def _dumps(nb) -> str:
     return nbformat.writes(nb, version=4) + "\n"
 
 
+def content_hash(nb) -> str:
+    """A hash of what a person changes in a notebook: every cell's type, source and outputs."""
+    cells = [[c.cell_type, c.source, c.get("outputs", [])] for c in nb.cells]
+    return hashlib.sha256(json.dumps(cells, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stamp_generated(nb):
+    """Record in the notebook's metadata the hash of what the build generated, to recognise later edits."""
+    nb.metadata.setdefault("course", {})["generated"] = content_hash(nb)
+    return nb
+
+
+def edited_by_hand(path: Path) -> bool:
+    """True when a generated notebook was changed after the build wrote it (run and saved, or edited)."""
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # noqa: BLE001 - unreadable: treat as someone's work, do not overwrite
+        return True
+    stamp = nb.metadata.get("course", {}).get("generated")
+    if stamp is None:  # written before stamps existed: someone's work only if it was run
+        return any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    return stamp != content_hash(nb)
+
+
+def backup(path: Path) -> Path:
+    """Move a notebook aside as `<name>.backup-<time>.ipynb` next to it and return the new path."""
+    target = path.with_name(f"{path.stem}.backup-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    path.rename(target)
+    return target
+
+
 def _title(nb) -> str:
     return nb.cells[0].source.splitlines()[0].lstrip("# ").strip()
 
@@ -173,27 +208,49 @@ def update_readme(root: Path) -> str:
 class BuildReport:
     written: list[str]  # files (re)written, or stale ones in check mode
     removed: list[str]  # generated files with no source any more
+    kept: list[str] = field(default_factory=list)  # generated files edited by hand: left alone (no --force)
+    backups: list[str] = field(default_factory=list)  # with --force: where the edited versions were moved
 
     @property
     def stale(self) -> bool:
-        return bool(self.written or self.removed)
+        return bool(self.written or self.removed or self.kept)
 
 
-def build(root: Path | None = None, *, check: bool = False) -> BuildReport:
-    """Normalise every solution notebook and regenerate `weeks/`; in check mode only report what differs."""
+def build(root: Path | None = None, *, check: bool = False, force: bool = False) -> BuildReport:
+    """Normalise every solution notebook and regenerate `weeks/`; in check mode only report what differs.
+
+    A notebook in `weeks/` that was changed since the build wrote it (a learner ran or edited it there)
+    is never overwritten silently: it is reported as kept, or with `force` moved to a backup first.
+    """
     root = root or repo_root()
     written: list[str] = []
+    kept: list[str] = []
+    backups: list[str] = []
+
+    def protect(path: Path) -> bool:
+        """True when `path` may be replaced; otherwise it is recorded as kept (or backed up with force)."""
+        if not path.exists() or not path.is_relative_to(root / "weeks") or not edited_by_hand(path):
+            return True
+        if force and not check:
+            backups.append(backup(path).relative_to(root).as_posix())
+            return True
+        kept.append(path.relative_to(root).as_posix())
+        return False
+
     expected_students: set[Path] = set()
     for src in sorted((root / "solutions").glob("week*/*.ipynb")):
         rel = src.relative_to(root).as_posix()
         student_rel = "weeks/" + rel.split("/", 1)[1]
         raw = src.read_text(encoding="utf-8")
         solution = normalise_solution(nbformat.reads(raw, as_version=4), rel)
-        targets = [(src, _dumps(solution)), (root / student_rel, _dumps(student_version(solution, student_rel)))]
+        student = stamp_generated(student_version(solution, student_rel))
+        targets = [(src, _dumps(solution)), (root / student_rel, _dumps(student))]
         expected_students.add(root / student_rel)
         for path, text in targets:
             current = path.read_text(encoding="utf-8") if path.exists() else None
             if current != text:
+                if not protect(path):
+                    continue
                 written.append(path.relative_to(root).as_posix())
                 if not check:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,8 +264,33 @@ def build(root: Path | None = None, *, check: bool = False) -> BuildReport:
                 readme.write_text(text, encoding="utf-8")
     removed = []
     for stale in sorted((root / "weeks").glob("week*/*.ipynb")) if (root / "weeks").is_dir() else []:
-        if stale not in expected_students:
+        if stale not in expected_students and ".backup-" not in stale.name:
+            if not protect(stale):
+                continue
             removed.append(stale.relative_to(root).as_posix())
             if not check:
                 stale.unlink()
-    return BuildReport(written, removed)
+    return BuildReport(written, removed, kept, backups)
+
+
+def work_copies(root: Path, refresh: list[str] | None = None) -> list[str]:
+    """Give the learner a personal copy of every student notebook in `work/` (ignored by git, never touched
+    by the build or the tests). Existing copies are kept; `refresh` names notebooks to replace with a fresh
+    copy, the old one moved to a backup next to it. Returns what was copied or backed up, as messages."""
+    messages = []
+    refresh = [r.removeprefix("weeks/").removeprefix("work/") for r in (refresh or [])]
+    sources = sorted((root / "weeks").glob("week*/*.ipynb"))
+    known = {src.relative_to(root / "weeks").as_posix() for src in sources}
+    for name in refresh:
+        if name not in known:
+            raise FileNotFoundError(f"no notebook weeks/{name}; known: {', '.join(sorted(known))}")
+    for src in sources:
+        rel = src.relative_to(root / "weeks").as_posix()
+        dest = root / "work" / rel
+        if dest.exists() and rel in refresh:
+            messages.append(f"backed up work/{rel} -> {backup(dest).relative_to(root).as_posix()}")
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            messages.append(f"copied  weeks/{rel} -> work/{rel}")
+    return messages

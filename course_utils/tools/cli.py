@@ -9,14 +9,21 @@ from pathlib import Path
 def cmd_build(args) -> int:
     from .build import build, repo_root
 
-    report = build(repo_root(), check=args.check)
+    report = build(repo_root(), check=args.check, force=args.force)
+    for f in report.kept:
+        print(f"kept    {f}: it was changed after the build wrote it (run or edited in Jupyter?), so it is not "
+              "overwritten. Your work is safe: copy it into work/ (`course work` makes personal copies), then "
+              "`course build --force` moves it to a backup and regenerates it.")
+    for f in report.backups:
+        print(f"backup  {f} (your edited version, moved aside by --force)")
     if args.check:
-        if report.stale:
-            print("Stale notebooks (run `course build`):")
+        if report.written or report.removed:
+            print("Out of date (a maintainer runs `course build` after changing solutions/):")
             for f in report.written:
                 print(f"  would rewrite {f}")
             for f in report.removed:
                 print(f"  would remove  {f}")
+        if report.stale:
             return 1
         print("weeks/ and solutions/ are up to date.")
         return 0
@@ -26,6 +33,16 @@ def cmd_build(args) -> int:
         print(f"removed {f}")
     if not report.stale:
         print("Nothing to do: weeks/ and solutions/ are up to date.")
+    return 1 if report.kept else 0
+
+
+def cmd_work(args) -> int:
+    from .build import repo_root, work_copies
+
+    root = repo_root()
+    for message in work_copies(root, args.refresh):
+        print(message)
+    print(f"Your notebooks are in {root / 'work'} (git, the build and the tests never touch them).")
     return 0
 
 
@@ -115,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("build", help="generate weeks/ from solutions/")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is stale")
+    p.add_argument("--force", action="store_true",
+                   help="also regenerate notebooks in weeks/ that were edited by hand (each moved to a backup first)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("work", help="make your personal copies of the student notebooks in work/")
+    p.add_argument("--refresh", nargs="+", metavar="WEEK/NOTEBOOK",
+                   help="replace these copies with fresh ones (the old copy is kept as a backup)")
+    p.set_defaults(func=cmd_work)
 
     p = sub.add_parser("grade", help="execute a folder of student notebooks and tabulate exercise verdicts")
     p.add_argument("folder")

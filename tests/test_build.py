@@ -70,10 +70,14 @@ def test_build_is_idempotent_and_check_detects_staleness(tmp_path):
     build(root)
     student = root / "weeks/week1_toy/01_toy.ipynb"
     student.write_text(student.read_text().replace("Why not?", "Edited by hand"))
-    assert build(root, check=True).written == ["weeks/week1_toy/01_toy.ipynb"]
-    (root / "weeks/week1_toy/99_orphan.ipynb").write_text("{}")
+    hand = build(root, check=True)  # stale, but kept: a hand edit is someone's work
+    assert hand.stale and hand.kept == ["weeks/week1_toy/01_toy.ipynb"] and hand.written == []
+    build(root, force=True)
+    orphan = nbformat.v4.new_notebook()
+    nbformat.write(orphan, root / "weeks/week1_toy/99_orphan.ipynb")
     build(root)
-    assert not (root / "weeks/week1_toy/99_orphan.ipynb").exists()
+    assert not (root / "weeks/week1_toy/99_orphan.ipynb").exists()  # a generated file without a source goes
+
 
 
 def test_unmatched_marker_is_an_error(tmp_path):
@@ -105,3 +109,54 @@ def test_every_notebook_has_title_goals_and_checks_that_exist():
         import re
         for exercise_id in re.findall(r"""check\(\s*["'](\d+\.\d+)""", source):
             assert exercise_id in known, f"{path} checks unknown exercise {exercise_id}"
+
+
+def _run_in_jupyter(path: Path) -> None:
+    """What a learner's autosave does: the same notebook, now with outputs."""
+    nb = nbformat.read(path, as_version=4)
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.outputs = [nbformat.v4.new_output("stream", text="my work\n")]
+    code.execution_count = 1
+    nbformat.write(nb, path)
+
+
+def test_build_never_overwrites_a_notebook_a_learner_ran_in_weeks(tmp_path):
+    root = make_repo(tmp_path)
+    build(root)
+    student = root / "weeks/week1_toy/01_toy.ipynb"
+    _run_in_jupyter(student)
+    mine = student.read_bytes()
+    src = root / "solutions/week1_toy/01_toy.ipynb"
+    nb = nbformat.read(src, as_version=4)
+    nb.cells[2].source = "print('changed by the maintainer')"
+    nbformat.write(nb, src)
+    check = build(root, check=True)
+    assert check.stale and check.kept == ["weeks/week1_toy/01_toy.ipynb"]
+    report = build(root)
+    assert report.kept == ["weeks/week1_toy/01_toy.ipynb"] and student.read_bytes() == mine
+    forced = build(root, force=True)
+    assert len(forced.backups) == 1 and (root / forced.backups[0]).read_bytes() == mine
+    assert "changed by the maintainer" in student.read_text() and not build(root, check=True).stale
+
+
+def test_work_copies_are_personal_and_refreshable(tmp_path):
+    from course_utils.tools.build import work_copies
+
+    root = make_repo(tmp_path)
+    build(root)
+    assert work_copies(root) == ["copied  weeks/week1_toy/01_toy.ipynb -> work/week1_toy/01_toy.ipynb"]
+    mine = root / "work/week1_toy/01_toy.ipynb"
+    _run_in_jupyter(mine)
+    saved = mine.read_bytes()
+    assert work_copies(root) == [] and mine.read_bytes() == saved  # never overwritten
+    assert not build(root, check=True).stale  # the build and its check ignore work/
+    messages = work_copies(root, ["week1_toy/01_toy.ipynb"])
+    backup = next(root.glob("work/week1_toy/01_toy.backup-*.ipynb"))
+    assert backup.read_bytes() == saved and len(messages) == 2 and mine.read_bytes() != saved
+    with pytest.raises(FileNotFoundError, match="known"):
+        work_copies(root, ["week9/nope.ipynb"])
+
+
+def test_work_folder_is_ignored_by_git():
+    out = subprocess.run(["git", "check-ignore", "work/week1/x.ipynb"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0

@@ -7,17 +7,19 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: lab test unit notebooks fetch bench constraints clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt scripts/install-torch.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first, pinned: an unpinned torch pulls several GB of CUDA packages on Linux.
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first, pinned and CPU-only where there is no GPU (see the script for what each case downloads).
+	bash scripts/install-torch.sh $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[lab,test]"
 	touch $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/course fetch || echo "Some data could not be fetched; the notebooks say what to run."
+	# Your own copies in work/: git, the build and the tests never touch them (course work --refresh NB for a fresh one).
+	$(VENV)/bin/course work
 	# --allow-root only where we are root (containers, some cloud machines): JupyterLab refuses otherwise.
-	$(VENV)/bin/jupyter lab weeks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+	$(VENV)/bin/jupyter lab work/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 test: unit notebooks
 

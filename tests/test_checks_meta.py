@@ -74,3 +74,13 @@ def test_ids_are_week_dot_number_and_contiguous():
         by_week.setdefault(week, []).append(int(n))
     for week, numbers in by_week.items():
         assert numbers == list(range(1, len(numbers) + 1)), f"week {week} exercise ids {numbers} are not 1..n"
+
+
+@pytest.mark.parametrize("exercise_id", list_exercises())
+def test_expected_values_are_never_computed_in_the_learners_process(exercise_id):
+    """Each case gives `expected` as a thunk (or an independent `reference`): the checker process computes it,
+    so learner code cannot read it from the call stack; every case has a name for the verdict."""
+    from course_utils.exercises import get_exercise
+    for case in get_exercise(exercise_id).make_cases():
+        assert case.reference is not None or callable(case.expected), f"{exercise_id}: {case.name} has an eager expected value"
+        assert case.name

@@ -40,6 +40,20 @@ def fresh_state(monkeypatch, toy_checker):
     monkeypatch.setattr(ex, "_LAST", {})
 
 
+class BrokenStr(Exception):
+    def __str__(self):
+        raise RuntimeError("no message for you")
+
+
+class BadRepr:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+def raises_broken(x):
+    raise BrokenStr()
+
+
 def mine(x):
     shifted = x - x.max(-1, keepdim=True).values
     return shifted.exp() / shifted.exp().sum(-1, keepdim=True)
@@ -67,6 +81,9 @@ def naive(x):
     (lambda x: [][1], "error", "IndexError"),
     (lambda x: exit(), "error", "SystemExit"),
     (lambda x: torch.empty(x.shape, device="meta"), "error", "meta tensor"),
+    (raises_broken, "error", "BrokenStr"),
+    (lambda x: BadRepr(), "failed", "BadRepr"),
+    (lambda x: [BadRepr()], "failed", "expected a torch.Tensor"),
     (None, "not attempted", ""),
 ])
 def test_verdicts(impl, status, fragment):

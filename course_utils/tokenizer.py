@@ -247,18 +247,17 @@ class BPETokenizer:
         if not isinstance(spec, dict):
             spec = json.loads(Path(spec).read_text(encoding="utf-8"))
         model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-        kinds = [step.get("type") for step in steps]
-        digits = kinds[:1] == ["Digits"] and steps[0].get("individual_digits", False)
-        problems = [f"model type {model.get('type')}" if model.get("type") != "BPE" else "",
-                    "a normalizer" if spec.get("normalizer") else "",
-                    "subword prefixes/suffixes" if model.get("continuing_subword_prefix")
-                    or model.get("end_of_word_suffix") else "",
-                    f"pre-tokenizer {kinds}" if kinds[digits:] != ["ByteLevel"] or steps[-1].get("add_prefix_space")
-                    or not steps[-1].get("use_regex", True) else ""]
-        if any(problems):
-            raise ValueError("only byte-level BPE with GPT-2's regex (optionally after Digits) is supported, "
-                             f"not {', '.join(p for p in problems if p)}")
+        steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+        split_digits = steps[0].get("type") == "Digits" and steps[0].get("individual_digits", False)
+        rest = steps[1:] if split_digits else steps
+        supported = (model.get("type") == "BPE" and not spec.get("normalizer") and not model.get("byte_fallback")
+                     and not model.get("ignore_merges") and not model.get("continuing_subword_prefix")
+                     and not model.get("end_of_word_suffix") and len(rest) == 1 and rest[0].get("type") == "ByteLevel"
+                     and rest[0].get("use_regex", True) and not rest[0].get("add_prefix_space"))
+        if not supported:
+            raise ValueError("only byte-level BPE with GPT-2's regex (optionally after Digits) is supported; got model "
+                             f"type {model.get('type')}, normalizer {spec.get('normalizer')}, pre-tokenizer "
+                             f"{[step.get('type') for step in steps]}")
         to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
         added = {tok["content"]: tok["id"] for tok in spec.get("added_tokens", [])}
         vocab = {}
@@ -273,7 +272,7 @@ class BPETokenizer:
             merges[(ids[left], ids[right])] = ids[left + right]
         byte_ids = [ids.get(ch) for _, ch in sorted(bytes_to_unicode().items())]  # None: a byte it lacks
         return cls(merges, pattern=GPT2_PATTERN, special_tokens=added, vocab=vocab, byte_ids=byte_ids,
-                   split_digits=bool(digits))
+                   split_digits=bool(split_digits))
 
     @classmethod
     def from_hf(cls, tokenizer: Any) -> BPETokenizer:

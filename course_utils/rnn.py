@@ -366,6 +366,29 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # (B*T, V) vs (B*T,)
 
 
+@torch.no_grad()
+def text_loss(model: nn.Module, data: torch.Tensor, *, batch_size: int = 16, block_size: int = 256) -> float:
+    """Mean next-token cross-entropy over a whole text, every position scored once.
+
+    The text is read as `batch_size` parallel streams in chunks of `block_size`, carrying the state
+    from chunk to chunk, so each prediction sees everything before it in its stream. The same
+    deterministic evaluation for every model, unlike a sample of random windows.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = (len(data) - 1) // batch_size
+    xs = data[: n * batch_size].view(batch_size, n)  # (B, n): stream b is data[b*n : (b+1)*n]
+    ys = data[1: n * batch_size + 1].view(batch_size, n)  # (B, n): the next characters
+    state, total = None, 0.0
+    for start in range(0, n, block_size):
+        logits, state = model(xs[:, start:start + block_size].to(device), state)  # (B, T, V)
+        y = ys[:, start:start + block_size].to(device)  # (B, T)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+    model.train(was_training)
+    return total / (n * batch_size)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling with temperature
 # ----------------------------------------------------------------------------------------------
@@ -402,11 +425,13 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temper
 # ----------------------------------------------------------------------------------------------
 # Measuring vanishing and exploding gradients
 # ----------------------------------------------------------------------------------------------
-def hidden_grad_norms(cell: nn.Module, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
-    """||dL/dh_t|| for every step t of x (B, T, I), where L is the sum of the last hidden state.
+def hidden_grad_norms(cell: nn.Module, x: torch.Tensor, state: State | None = None, *,
+                      readout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """||dL/dh_t|| for every step t of x (B, T, I), where L = readout(h_T) (default: the sum of h_T).
 
-    Read it backwards: entry T-1-k is how much a change k steps before the end still moves the
-    output. Mean over the batch. Returns (T,).
+    Read it backwards: entry T-1-k is how much a change k steps before the end still moves L. With a
+    trained model pass its real loss as `readout` (e.g. the cross-entropy of its head on h_T).
+    Mean over the batch. Returns (T,).
     """
     state = cell.init_state(x.shape[0]) if state is None else state
     hs = []
@@ -415,7 +440,7 @@ def hidden_grad_norms(cell: nn.Module, x: torch.Tensor, state: State | None = No
         h = state[0] if isinstance(state, tuple) else state
         h.retain_grad()
         hs.append(h)
-    hs[-1].sum().backward()
+    (hs[-1].sum() if readout is None else readout(hs[-1])).backward()
     return torch.stack([h.grad.norm(dim=-1).mean() for h in hs])
 
 

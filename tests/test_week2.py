@@ -579,6 +579,30 @@ def test_charlm_scratch_matches_fused():
     torch.testing.assert_close(scratch(idx)[0], fused(idx)[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch_size, block_size", [(1, 1000), (1, 7), (3, 5)])
+def test_text_loss_scores_every_position_once_with_the_state_carried(batch_size, block_size):
+    torch.manual_seed(4)
+    model = rnn.CharLM(rnn.CharLMConfig.tiny(9)).eval()
+    data = torch.randint(9, (batch_size * 20 + 1,))
+    n = (len(data) - 1) // batch_size
+    expected = []
+    for b in range(batch_size):  # each stream read in one piece from a zero state
+        x, y = data[b * n:(b + 1) * n], data[b * n + 1:(b + 1) * n + 1]
+        with torch.no_grad():
+            expected.append(F.cross_entropy(model(x[None])[0][0], y, reduction="sum"))
+    got = rnn.text_loss(model, data, batch_size=batch_size, block_size=block_size)
+    assert got == pytest.approx(float(sum(expected)) / (n * batch_size), rel=1e-5)
+
+
+def test_hidden_grad_norms_with_a_readout():
+    torch.manual_seed(0)
+    cell = rnn.GRUCell(3, 4)
+    x = torch.randn(2, 5, 3)
+    w = torch.randn(4)
+    norms = rnn.hidden_grad_norms(cell, x, readout=lambda h: (h * w).sum())
+    assert math.isclose(float(norms[-1]), float(w.norm()), rel_tol=1e-6)
+
+
 def test_bptt_loss_of_a_uniform_model_is_log_v():
     V, H = 7, 4
     tokens = torch.randint(V, (3, 6))

@@ -14,6 +14,7 @@ FSDP / tensor parallelism, fault-tolerant checkpointing, torch.compile.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -154,7 +155,7 @@ class TrainConfig:
     eval_every: int = 250  # evaluate train and val loss every this many steps (and at the end)
     eval_iters: int = 20  # batches per evaluation
     seed: int = 0  # seeds the training windows (the model's init is seeded by the caller)
-    time_limit: float | None = None  # stop early after this many seconds of training (the schedule still assumes `steps`)
+    time_limit: float | None = None  # stop after this many seconds of wall time (the schedule still assumes `steps`)
 
 
 History = dict[str, list[float]]
@@ -211,7 +212,8 @@ class Trainer:
         self.step = 0
         self.history: History = {"step": [], "loss": [], "lr": [], "grad_norm": [], "eval_step": [],
                                  "train_loss": [], "val_loss": [], "tokens_per_s": [], "seconds": []}
-        self.train_seconds = 0.0  # time spent in training steps (evaluation excluded)
+        self.train_seconds = 0.0  # time spent in training steps (evaluation excluded): for tokens/s
+        self.wall_seconds = 0.0  # time since the first step, evaluations included: for the time budget
 
     def train_step(self) -> float:
         """One update on the next batch; returns the loss (averaged over processes under DDP)."""
@@ -261,38 +263,44 @@ class Trainer:
         return self.loader.batch_size * self.loader.block_size
 
     def run(self, until: int | None = None, *, progress: bool = True, plot: bool = False, desc: str = "pretraining") -> History:
-        """Train up to step `until` (default: tcfg.steps), evaluating every eval_every steps and at the last step."""
+        """Train up to step `until` (default: tcfg.steps), evaluating every eval_every steps and at the last step.
+
+        With tcfg.time_limit the run also stops (after one last evaluation) once that many seconds of wall
+        time, evaluations included, have passed since the first step; `history["seconds"]` counts them.
+        """
         until = self.tcfg.steps if until is None else until
         live = LossPlot(desc) if plot else None
         self.model.train()
         bar = tqdm(total=until - self.step, desc=desc, leave=False, disable=not progress)
-        window_start, window_steps = time.perf_counter(), 0
+        start = time.perf_counter()
+        wall_before = self.wall_seconds
+        window_start, window_steps = start, 0
         while self.step < until:
             self.train_step()
             window_steps += 1
             bar.update(1)
-            if self.step % self.tcfg.eval_every == 0 or self.step == self.tcfg.steps or self._out_of_time():
+            self.wall_seconds = wall_before + time.perf_counter() - start
+            out_of_time = self.tcfg.time_limit is not None and self.wall_seconds >= self.tcfg.time_limit
+            if self.step % self.tcfg.eval_every == 0 or self.step == self.tcfg.steps or out_of_time:
                 elapsed = time.perf_counter() - window_start
                 self.train_seconds += elapsed
                 losses = self.evaluate()
+                self.wall_seconds = wall_before + time.perf_counter() - start
                 h = self.history
                 h["eval_step"].append(self.step)
                 h["train_loss"].append(losses["train"])
                 h["val_loss"].append(losses["val"])
                 h["tokens_per_s"].append(window_steps * self.tokens_per_step() / elapsed)
-                h["seconds"].append(self.train_seconds)
+                h["seconds"].append(self.wall_seconds)
                 bar.set_postfix(loss=f"{h['loss'][-1]:.3f}", val=f"{losses['val']:.3f}",
                                 tok_s=f"{h['tokens_per_s'][-1]:.0f}")
                 if live is not None:
                     live.update(h)
-                if self._out_of_time():
+                if out_of_time:
                     break
                 window_start, window_steps = time.perf_counter(), 0
         bar.close()
         return self.history
-
-    def _out_of_time(self) -> bool:
-        return self.tcfg.time_limit is not None and self.train_seconds >= self.tcfg.time_limit
 
     def mfu(self, peak_flops: float) -> float:
         """Model FLOPs utilisation of the last logged window against `peak_flops` (FLOP/s)."""
@@ -304,7 +312,8 @@ class Trainer:
         return {"model_config": dataclasses.asdict(self.model.config), "train_config": dataclasses.asdict(self.tcfg),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "loader": self.loader.state_dict(), "step": self.step,
-                "history": self.history, "train_seconds": self.train_seconds, "rng": torch.get_rng_state()}
+                "history": self.history, "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds,
+                "rng": torch.get_rng_state()}
 
     def save(self, path: str | Path) -> Path:
         """Write everything needed to continue exactly: weights, AdamW moments, data position, RNG, history."""
@@ -322,7 +331,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        self.step, self.history, self.train_seconds = state["step"], state["history"], state["train_seconds"]
+        self.step, self.history = state["step"], state["history"]
+        self.train_seconds, self.wall_seconds = state["train_seconds"], state["wall_seconds"]
         torch.set_rng_state(state["rng"])
         return self
 
@@ -334,6 +344,43 @@ def check_same_config(saved: dict, current: dict, where: str = "checkpoint") -> 
     if diffs:
         raise ValueError(f"{where} was saved from a different model configuration; differing fields: "
                          + "; ".join(diffs))
+
+
+def seconds_per_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> float:
+    """Median wall time of one training step (forward, backward, AdamW) on a copy of `model`, after a warm-up."""
+    net = copy.deepcopy(model).train()
+    opt = AdamW(net.parameters())
+    device = next(net.parameters()).device
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with autocast(device):
+            logits = net(x)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def pick_cpu_threads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """On a CPU, time a training step with 1 thread and with every core, keep the faster; returns the count.
+
+    On an idle machine more threads help; on a busy one (a shared laptop, CI) the threads wait for each
+    other and a small model can run several times slower than on one thread. No-op on GPU.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    timings = {}
+    for n in sorted({1, cores}):
+        torch.set_num_threads(n)
+        timings[n] = seconds_per_step(model, x, y)
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------

@@ -325,6 +325,17 @@ def test_tied_embeddings_share_one_matrix():
     assert ours.lm_head.weight is ours.tok_emb.weight
 
 
+def test_decoding_layout_changes_strides_not_values():
+    ours, hf = _tiny_pair()
+    plain = L.Llama.from_hf(hf, decoding_layout=False)
+    assert ours.blocks[0].mlp.w_up.weight.stride() == (1, 112) and plain.blocks[0].mlp.w_up.weight.stride() == (64, 1)
+    assert ours.lm_head.weight is ours.tok_emb.weight  # still tied after the layout change
+    idx = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), plain(idx), atol=1e-6, rtol=1e-6)
+    assert ours.state_dict()["blocks.0.mlp.w_up.weight"].shape == (112, 64)
+
+
 def test_repeat_kv_matches_transformers():
     from transformers.models.llama.modeling_llama import repeat_kv
 

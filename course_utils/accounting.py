@@ -12,8 +12,10 @@ counted for all T x T pairs, as torch's FLOP counter does (a causal kernel could
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -22,8 +24,10 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .transformer import GPTConfig
+from .runtime import autocast
+from .transformer import GPT, GPTConfig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +253,89 @@ def peak_flops(device: torch.device | str = "cpu", precision: str = "fp32") -> t
                 return value, f"{name} data sheet ({precision})"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     return measured_matmul_flops(device=device, dtype=dtype), f"measured {precision} 2048x2048 matmul on {device}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: time a step, choose CPU threads, compare with transformers' GPT-2
+# ----------------------------------------------------------------------------------------------
+def seconds_per_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> float:
+    """Median wall time of one training step (forward, backward, AdamW) on a copy of `model`, after a warm-up."""
+    net = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(net.parameters())
+    device = next(net.parameters()).device
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with autocast(device):
+            logits = net(x)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def pick_cpu_threads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """On a CPU, time a training step with 1 thread and with every core, keep the faster; returns the count.
+
+    On an idle machine more threads help; on a busy one (a shared laptop, CI) the threads wait for each
+    other and a small model can run several times slower than on one thread. No-op on GPU.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    timings = {}
+    for n in sorted({1, cores}):
+        torch.set_num_threads(n)
+        timings[n] = seconds_per_step(model, x, y)
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
+
+
+def throughput_vs_hf_gpt2(cfg: GPTConfig, batch_size: int, *, steps: int = 10,
+                          device: torch.device | str = "cpu") -> dict[str, float]:
+    """Training tokens/s of our GPT and of `transformers`' GPT2LMHeadModel of the same size, side by side.
+
+    Both start from random weights (no download), train on the same random batch with the same loss,
+    torch.optim.AdamW and the runtime's precision; their steps alternate, so a busy machine slows both alike.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if not (cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias and cfg.tie_weights):
+        raise ValueError("the comparison needs a GPT-2-shaped config (layernorm, gelu, bias, tied weights)")
+    device = torch.device(device)
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                        bos_token_id=0, eos_token_id=0)
+    models = {"ours": GPT(cfg).to(device), "transformers": GPT2LMHeadModel(hf_cfg).to(device)}
+    forward = {"ours": lambda m, x: m(x), "transformers": lambda m, x: m(x).logits}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    seconds = {k: 0.0 for k in models}
+    for step in range(steps + 1):  # step 0 warms up
+        order = list(models) if step % 2 else list(models)[::-1]
+        for name in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with autocast(device):
+                logits = forward[name](models[name], x)
+            F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step > 0:
+                seconds[name] += time.perf_counter() - start
+    tokens = steps * batch_size * cfg.block_size
+    out = {f"{k}_tokens_per_s": tokens / v for k, v in seconds.items()}
+    out["ratio"] = out["ours_tokens_per_s"] / out["transformers_tokens_per_s"]
+    out["params_ours"] = float(models["ours"].num_params())
+    out["params_transformers"] = float(sum(p.numel() for p in models["transformers"].parameters()))
+    return out
 
 
 def mfu(tokens_per_second: float, cfg: GPTConfig, peak: float, seq_len: int | None = None) -> float:

@@ -14,7 +14,6 @@ FSDP / tensor parallelism, fault-tolerant checkpointing, torch.compile.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -22,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -200,9 +200,9 @@ class Trainer:
     """
 
     def __init__(self, model: GPT, loader: WindowLoader, tcfg: TrainConfig, *, device: torch.device | None = None,
-                 optimizer_cls: type[torch.optim.Optimizer] = AdamW):
+                 optimizer_cls: type[torch.optim.Optimizer] = AdamW, schedule: Callable[..., float] = warmup_cosine_lr):
         self.device = device or next(model.parameters()).device
-        self.model, self.loader, self.tcfg = model, loader, tcfg
+        self.model, self.loader, self.tcfg, self.schedule = model, loader, tcfg, schedule
         self.ddp = dist.is_available() and dist.is_initialized()
         self.net = nn.parallel.DistributedDataParallel(model) if self.ddp else model
         self.optimizer = optimizer_cls(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas,
@@ -218,7 +218,7 @@ class Trainer:
     def train_step(self) -> float:
         """One update on the next batch; returns the loss (averaged over processes under DDP)."""
         self.step += 1
-        lr = warmup_cosine_lr(self.step, max_lr=self.tcfg.lr, min_lr=self.tcfg.min_lr,
+        lr = self.schedule(self.step, max_lr=self.tcfg.lr, min_lr=self.tcfg.min_lr,
                               warmup_steps=self.tcfg.warmup_steps, total_steps=self.tcfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -344,43 +344,6 @@ def check_same_config(saved: dict, current: dict, where: str = "checkpoint") -> 
     if diffs:
         raise ValueError(f"{where} was saved from a different model configuration; differing fields: "
                          + "; ".join(diffs))
-
-
-def seconds_per_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> float:
-    """Median wall time of one training step (forward, backward, AdamW) on a copy of `model`, after a warm-up."""
-    net = copy.deepcopy(model).train()
-    opt = AdamW(net.parameters())
-    device = next(net.parameters()).device
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        with autocast(device):
-            logits = net(x)
-        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
-
-
-def pick_cpu_threads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """On a CPU, time a training step with 1 thread and with every core, keep the faster; returns the count.
-
-    On an idle machine more threads help; on a busy one (a shared laptop, CI) the threads wait for each
-    other and a small model can run several times slower than on one thread. No-op on GPU.
-    """
-    if next(model.parameters()).device.type != "cpu":
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    timings = {}
-    for n in sorted({1, cores}):
-        torch.set_num_threads(n)
-        timings[n] = seconds_per_step(model, x, y)
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    return best
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Reading order: parameters (per part) -> FLOPs per token (forward, training) -> training memory
 (weights, gradients, AdamW state, activations) -> measuring: FLOPs with torch's counter, the
 activations autograd keeps, the peak memory of a real training step -> the device's peak FLOP/s
-for model FLOPs utilisation (MFU, Chowdhery et al. 2022, appendix B).
+-> speed: the time of one step, CPU threads, tokens/s against transformers' GPT-2 -> model FLOPs
+utilisation (MFU, Chowdhery et al. 2022, appendix B).
 
 Conventions: a multiply-add is 2 FLOPs; a backward pass costs twice the forward (one matmul for the
 input's gradient, one for the weight's), so training costs 3x the forward. Attention scores are

@@ -1,9 +1,10 @@
 """Week 3: attention, from a decoder looking back at its encoder to multi-head self-attention.
 
-Reading order: scores (additive, Bahdanau et al. 2015; dot-product, Luong et al. 2015) -> weights
-(a softmax over keys, with masks) -> scaled dot-product attention (Vaswani et al. 2017, eq. 1) ->
-causal and padding masks -> heads (split, merge) -> multi-head attention with an output projection
--> positions (sinusoidal, learned, rotary: Su et al. 2021) -> the cost of attention.
+Reading order: scores (additive, Bahdanau et al. 2015; dot and general, Luong et al. 2015) -> weights
+(a softmax over keys, with masks) -> scaled dot-product attention (Vaswani et al. 2017, eq. 1), with
+attention dropout -> causal and padding masks -> heads (split, merge) -> multi-head attention with an
+output projection, as self-attention or cross-attention -> positions (sinusoidal, learned, rotary: Su
+et al. 2021) -> the cost of attention in time and measured memory.
 
 Mask convention everywhere in this module: a boolean tensor, True where a query MAY attend to a key
 (the same as `F.scaled_dot_product_attention`; note that `nn.MultiheadAttention` uses the opposite).
@@ -12,7 +13,9 @@ Production kernels (FlashAttention) fuse these steps and never store the (T, S) 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from typing import Callable, Sequence
 
@@ -40,37 +43,59 @@ def additive_score(query: torch.Tensor, keys: torch.Tensor, W_q: torch.Tensor, W
 
 
 def dot_product_score(query: torch.Tensor, keys: torch.Tensor, *, scale: bool = True) -> torch.Tensor:
-    """Luong's dot-product score q . k_s, divided by sqrt(d) when `scale` (query (..., d), keys (..., S, d))."""
+    """The dot-product score q . k_s, divided by sqrt(d) when `scale` (query (..., d), keys (..., S, d)).
+
+    With scale=False this is Luong's "dot" score; with scale=True, the scaled score of the Transformer.
+    """
     scores = torch.einsum("...d,...sd->...s", query, keys)  # (..., S)
     return scores / math.sqrt(query.shape[-1]) if scale else scores
+
+
+def general_score(query: torch.Tensor, keys: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Luong's "general" score q^T W k_s: query (..., Dq), keys (..., S, Dk), W (Dq, Dk) -> (..., S).
+
+    Unlike "dot", query and keys may have different widths, and W learns which directions to compare.
+    """
+    return dot_product_score(query @ W, keys, scale=False)  # (q W) . k_s
 
 
 def attention_weights(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the key axis (the last one); masked-out keys (mask False) get exactly zero weight.
 
-    Masked scores become -inf before the softmax, so exp(-inf) = 0; setting them to 0 instead would
-    still give those keys weight e^0. Every row needs at least one key it may attend to.
+    Masked scores become -inf, so exp(-inf) = 0; setting them to 0 instead would still give those keys
+    weight e^0. Each row's own largest score is subtracted before exp (it cancels in the ratio): exp
+    then never overflows, and a row of small scores is not flushed to 0 by another row's large ones.
+    Every row needs at least one key it may attend to.
     """
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # (..., S), each row's max -> e^0 = 1
+    return e / e.sum(dim=-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Scaled dot-product attention and masks
 # ----------------------------------------------------------------------------------------------
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                                 *, return_weights: bool = False):
-    """softmax(q k^T / sqrt(d_k)) v  (Vaswani et al. 2017, eq. 1).
+                                 *, return_weights: bool = False, dropout_p: float = 0.0,
+                                 generator: torch.Generator | None = None):
+    """softmax(q k^T / sqrt(d_k)) v  (Vaswani et al. 2017, eq. 1), with optional attention dropout.
 
     Args:
         q: (..., T, d_k) queries; k: (..., S, d_k) keys; v: (..., S, d_v) values.
         mask: optional bool, broadcastable to (..., T, S); True where a query may attend.
+        dropout_p: attention dropout (training only; pass 0.0 in evaluation): each weight is zeroed with
+            probability p and the survivors are scaled by 1 / (1 - p), so a row sums to 1 on average.
     Returns:
-        (..., T, d_v), and the weights (..., T, S) when `return_weights`.
+        (..., T, d_v), and the weights (..., T, S) when `return_weights` (after dropout, if any).
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, S)
-    weights = attention_weights(scores, mask)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)  # `attention_weights`, as one library kernel (faster, less memory)
+    if dropout_p > 0:
+        keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
+        weights = weights * keep / (1 - dropout_p)
     out = weights @ v  # (..., T, d_v)
     return (out, weights) if return_weights else out
 
@@ -125,8 +150,11 @@ def multi_head_attention(x: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: project to queries, keys, values; attend in nh heads; project back.
 
-    Self-attention with `mha(x, mask=...)`; cross-attention with `mha(x, context=enc, mask=...)`.
-    `fused=True` calls `F.scaled_dot_product_attention` (a fused kernel on GPU); False uses ours.
+    Self-attention with `mha(x, mask=...)`: queries, keys and values all come from x. Cross-attention
+    with `mha(x, context=enc, mask=...)`: queries from x (a decoder), keys and values from `context`
+    (an encoder), as the seq2seq decoder of notebook 02 did. `dropout` is attention dropout on the
+    weights while training. `fused=True` calls `F.scaled_dot_product_attention` (a fused kernel);
+    False uses ours.
     """
 
     def __init__(self, d_model: int, n_head: int, *, bias: bool = True, dropout: float = 0.0, fused: bool = True):
@@ -145,14 +173,11 @@ class MultiHeadAttention(nn.Module):
         k = split_heads(self.k_proj(context), self.n_head)  # (B, nh, S, hs)
         v = split_heads(self.v_proj(context), self.n_head)  # (B, nh, S, hs)
         weights = None
+        p = self.dropout if self.training else 0.0  # attention dropout: only while training
         if self.fused and not return_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
-            out, weights = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
-            if self.training and self.dropout > 0:  # attention dropout on the weights (same as the fused path)
-                weights = F.dropout(weights, self.dropout)
-                out = weights @ v
+            out, weights = scaled_dot_product_attention(q, k, v, mask, return_weights=True, dropout_p=p)
         out = self.o_proj(merge_heads(out))  # (B, T, C)
         return (out, weights) if return_weights else out
 
@@ -254,28 +279,69 @@ def time_call(fn: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Bytes allocated at the peak of fn() above what was allocated before the call (measured, not computed).
+
+    On CUDA from `torch.cuda.max_memory_allocated`; on CPU from torch.profiler's record of every
+    allocation and free (`profile_memory=True`), summed in time order. Both count the output tensor.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:  # + on allocation, - on free
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ start/stop lines (written to file descriptor 2, not to sys.stderr)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def attention_cost(lengths: Sequence[int], *, batch: int = 1, n_head: int = 4, head_size: int = 64,
                    causal: bool = True, repeats: int = 3, device: torch.device | str = "cpu") -> dict[str, list[float]]:
-    """Time (s) of naive vs fused attention and the bytes of one (B, nh, T, T) weight tensor, per length T.
+    """Time (s) and measured peak memory (bytes) of attention per length T, three ways, like for like:
 
-    On CUDA also the peak memory allocated during each call (`torch.cuda.max_memory_allocated`).
+    - "naive": ours, which stores the (B, nh, T, T) scores and weights;
+    - "fused": `F.scaled_dot_product_attention` given the same explicit mask: the same work, fused;
+    - "fused_causal": the fused kernel with `is_causal=True` (only with causal=True): it builds no mask
+      and may skip blocks above the diagonal, so it does less work, not the same work.
+    "weights_bytes" is the size of one (B, nh, T, T) float weight tensor, for reference.
     """
-    res: dict[str, list[float]] = {"T": [], "naive_s": [], "fused_s": [], "weights_bytes": [],
-                                   "naive_peak_bytes": [], "fused_peak_bytes": []}
-    cuda = torch.device(device).type == "cuda"
+    res: dict[str, list[float]] = {"T": [], "weights_bytes": []}
     for T in lengths:
         q, k, v = (torch.randn(batch, n_head, T, head_size, device=device) for _ in range(3))
         mask = causal_mask(T, device=device) if causal else None
+        calls = {"naive": lambda: naive_attention(q, k, v, mask),
+                 "fused": lambda: fused_attention(q, k, v, mask)}
+        if causal:
+            calls["fused_causal"] = lambda: fused_attention(q, k, v, is_causal=True)
         res["T"].append(T)
         res["weights_bytes"].append(batch * n_head * T * T * q.element_size())
-        calls = {"naive": lambda: naive_attention(q, k, v, mask),
-                 "fused": lambda: fused_attention(q, k, v, is_causal=causal)}  # the kernel builds the mask itself
         for name, call in calls.items():
-            res[f"{name}_s"].append(time_call(call, repeats))
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                call()
-                torch.cuda.synchronize()
-                res[f"{name}_peak_bytes"].append(torch.cuda.max_memory_allocated(device) - base)
+            res.setdefault(f"{name}_s", []).append(time_call(call, repeats))
+            res.setdefault(f"{name}_peak_bytes", []).append(peak_memory(call, device))
     return res

@@ -792,3 +792,21 @@ def test_masked_lm_and_encoder_decoder_train():
     assert seq(src, tgt_in).shape == (4, 7, 11)
     out = seq.greedy(src, torch.full((4,), 6), bos=1, eos=2, max_len=5)
     assert out.shape[0] == 4 and out.shape[1] <= 5
+
+
+def test_speed_helpers():
+    cfg = T.GPTConfig.tiny()
+    res = acc.throughput_vs_hf_gpt2(cfg, 2, steps=1)
+    assert res["params_ours"] == res["params_transformers"] and res["ratio"] > 0
+    with pytest.raises(ValueError, match="GPT-2-shaped"):
+        acc.throughput_vs_hf_gpt2(dataclasses.replace(cfg, mlp="swiglu"), 2)
+    before = torch.get_num_threads()
+    model, x = T.GPT(cfg), torch.randint(0, 65, (2, 16))
+    try:
+        assert acc.pick_cpu_threads(model, x, x) in {1, len(os.sched_getaffinity(0))}
+    finally:
+        torch.set_num_threads(before)
+    assert acc.seconds_per_step(model, x, x) > 0
+    peak, source = acc.peak_flops("cpu")
+    assert peak > 1e8 and "measured" in source
+    assert acc.mfu(1000.0, cfg, peak) == pytest.approx(1000.0 * acc.flops_per_token(cfg, training=True) / peak)

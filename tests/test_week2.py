@@ -160,7 +160,11 @@ def clip_zero_fills_missing(parameters, max_norm):
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return rnn.clip_grad_norm(params, max_norm)
+    total = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    if total > max_norm:
+        for p in params:
+            p.grad.mul_(max_norm / (total + 1e-6))
+    return total
 
 
 def clip_with_torch(parameters, max_norm):

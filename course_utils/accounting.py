@@ -227,20 +227,26 @@ GPU_PEAK_FLOPS = {"T4": 65e12, "V100": 125e12, "A10": 125e12, "L4": 121e12, "A10
                   "H200": 989e12}
 
 
-def measured_matmul_flops(n: int = 2048, repeats: int = 5, device: torch.device | str = "cpu",
+def measured_matmul_flops(n: int = 2048, seconds: float = 2.0, device: torch.device | str = "cpu",
                           dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of the best of `repeats` (n x n) @ (n x n) products: a practical peak for this device."""
+    """FLOP/s of the fastest (n x n) @ (n x n) product in `seconds` of trying: a practical peak for this device.
+
+    The best of many tries, because on a shared machine most tries are slowed by other programs.
+    """
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first call warms up
-        if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    a @ b  # warm-up
+    best, tries, begin = float("inf"), 0, time.perf_counter()
+    while tries < 3 or time.perf_counter() - begin < seconds:
+        if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
+        tries += 1
     return 2 * n ** 3 / best
 
 

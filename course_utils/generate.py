@@ -12,6 +12,7 @@ Production servers add paged caches, speculative decoding and continuous batchin
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -187,11 +188,27 @@ def generate(model: Callable[..., torch.Tensor], input_ids: torch.Tensor, max_ne
     return seq
 
 
-def tokens_per_second(fn: Callable[[], torch.Tensor], n_new: int, repeats: int = 1) -> float:
-    """New tokens per second of a generation call `fn` (best of `repeats` runs)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n_new / best
+def pick_decode_threads(model: torch.nn.Module, input_ids: torch.Tensor, steps: int = 4) -> int:
+    """On a CPU, time a few cached greedy steps with 1 thread and with every core; keep the faster (returned).
+
+    Decoding one sequence is a chain of small matrix-vector products limited by memory reads, so extra
+    threads gain little, and on a busy machine they wait for each other and can make it several times
+    slower. Sets `torch.set_num_threads` for everything that follows (also `transformers`). No-op on GPU.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    timings = {}
+    for n in sorted({1, cores}):
+        torch.set_num_threads(n)
+        generate(model, input_ids, 1)  # warm-up
+        timings[n] = min(_seconds(lambda: generate(model, input_ids, steps)) for _ in range(2))
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

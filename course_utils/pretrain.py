@@ -219,7 +219,7 @@ class Trainer:
         """One update on the next batch; returns the loss (averaged over processes under DDP)."""
         self.step += 1
         lr = self.schedule(self.step, max_lr=self.tcfg.lr, min_lr=self.tcfg.min_lr,
-                              warmup_steps=self.tcfg.warmup_steps, total_steps=self.tcfg.steps)
+                           warmup_steps=self.tcfg.warmup_steps, total_steps=self.tcfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y = self.loader.get_batch("train")

@@ -29,5 +29,5 @@ then
   exec "$PY" -m pip install -q "torch==$VERSION" --index-url "$CPU_INDEX" --extra-index-url https://pypi.org/simple
 fi
 echo "No NVIDIA GPU, and $CPU_INDEX is not reachable: installing torch==$VERSION from the standard index"
-echo "(on Linux x86-64 that is the CUDA build, several GB; it runs on the CPU)."
+echo "(or a wheel pip is configured to find locally; from PyPI on Linux x86-64 that is the CUDA build, several GB)."
 exec "$PY" -m pip install -q "torch==$VERSION"

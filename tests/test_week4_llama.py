@@ -429,6 +429,16 @@ def test_batched_left_padding_equals_one_at_a_time():
     assert torch.equal(batched, theirs)
 
 
+def test_pick_decode_threads_sets_the_faster_count():
+    ours, _ = _tiny_pair()
+    before = torch.get_num_threads()
+    try:
+        n = G.pick_decode_threads(ours, torch.randint(3, 96, (1, 4)), steps=2)
+        assert n >= 1 and torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_left_pad_shapes():
     ids, mask = G.left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

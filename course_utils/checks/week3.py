@@ -270,7 +270,7 @@ class _TableModel(nn.Module):
         for prev, nxt in rows.items():
             for char, p in nxt.items():
                 probs[prev, char] = p
-        self.register_buffer("logits", (probs / probs.sum(-1, keepdim=True)).log())
+        self.logits = nn.Parameter((probs / probs.sum(-1, keepdim=True)).log(), requires_grad=False)
 
     def encode(self, src, src_len):
         B, S = src.shape

@@ -114,9 +114,12 @@ def expected_exercises(sub: Submission, root: Path | None) -> list[str]:
 
 def scan(path: Path) -> list[str]:
     """Suspicious code in a submission's code cells (a reason for a human to look, not a verdict)."""
+    from .build import setup_source
+
     try:
         nb = nbformat.read(path, as_version=4)
-        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        setup = setup_source().strip()  # the course's own first cell (it pip-installs the package in Colab)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code" and c.source.strip() != setup)
     except Exception:  # noqa: BLE001
         return ["the notebook could not be read"]
     return [why for pattern, why in SUSPICIOUS.items() if re.search(pattern, code)]
@@ -198,9 +201,21 @@ def grade(folder: Path, out: Path, *, root: Path | None = None, profile: str = "
     if bwrap is None and not allow_no_sandbox:
         raise RuntimeError(f"refusing to run untrusted notebooks without a sandbox: {sandbox.unavailable_reason()}. "
                            "Pass --no-sandbox only for submissions you trust.")
-    limits = limits or sandbox.Limits()
     salt = secrets.randbelow(2**31)
+    previous = os.environ.get("COURSE_CHECK_SALT")
     os.environ["COURSE_CHECK_SALT"] = str(salt)  # this process computes the expected values with the same salt
+    try:
+        return _grade_all(subs, out, root=root, profile=profile, timeout=timeout, cell_timeout=cell_timeout,
+                          jobs=jobs, limits=limits or sandbox.Limits(), salt=salt, bwrap=bwrap, progress=progress)
+    finally:
+        if previous is None:
+            os.environ.pop("COURSE_CHECK_SALT", None)
+        else:
+            os.environ["COURSE_CHECK_SALT"] = previous
+
+
+def _grade_all(subs: list[Submission], out: Path, *, root, profile, timeout, cell_timeout, jobs, limits, salt, bwrap,
+               progress) -> list[Submission]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = max(1, jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs)

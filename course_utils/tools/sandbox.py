@@ -114,9 +114,10 @@ def _binds(paths: list[Path]) -> list[str]:
 
 def command(exe: str, cmd: list[str], *, work: Path, out: Path, env: dict[str, str], slot: int = 0) -> list[str]:
     """The full bwrap command line that runs `cmd` inside the sandbox."""
+    # /tmp first: a read-only path below /tmp (a repository cloned there) is then bound on top of it.
     args = [exe, *_unshare(), "--die-with-parent", "--new-session", "--hostname", "sandbox",
-            *_binds(readonly_paths()),
             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+            *_binds(readonly_paths()),
             "--perms", "0755", "--dir", "/sandbox", "--bind", str(work), INSIDE_WORK, "--bind", str(out), INSIDE_OUT, "--chdir", INSIDE_WORK,
             "--clearenv"]
     for key, value in env.items():

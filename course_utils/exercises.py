@@ -293,7 +293,9 @@ def _grading_record(ex: Exercise, record: dict) -> None:
             f.write(json.dumps({"exercise": ex.id, "record": record}) + "\n")
 
 
-def _evaluate(ex: Exercise, obj: Any) -> CheckResult:
+def _evaluate(ex: Exercise, obj: Any, *, graded: bool = False) -> CheckResult:
+    """Run the cases in a child process, judge the outputs in the checker; under `course grade`, a check
+    cell's outputs (not `use()`'s) also go to the grader, so a deleted check cell shows as missing."""
     from .learner_run import run_cases
 
     start = time.monotonic()
@@ -305,7 +307,8 @@ def _evaluate(ex: Exercise, obj: Any) -> CheckResult:
     else:
         cases = list(ex.make_cases())  # inputs only: expected values are never computed in this process
         record = run_cases(cases, obj, time_limit=ex.time_limit, forbid=ex.forbid, reference=ex.load_reference())
-    _grading_record(ex, record)
+    if graded:
+        _grading_record(ex, record)
     v = _judge_client().judge(ex.id, record)
     return CheckResult(ex.id, ex.title, v.get("status", "error"), int(v.get("passed", 0)), int(v.get("total", 0)),
                        str(v.get("message", "")), str(v.get("case", "")), str(v.get("hint", "")),
@@ -322,7 +325,7 @@ def check(exercise_id: str, obj: Any = None, *, quiet: bool = False) -> CheckRes
     result that is not a pass raises `ExerciseCheckFailed`.
     """
     ex = get_exercise(exercise_id)
-    res = _evaluate(ex, obj)
+    res = _evaluate(ex, obj, graded=True)
     _LAST[ex.id] = (res, _fingerprint(obj))
     if not quiet:
         _display(res)

@@ -377,6 +377,33 @@ def bits_per_char(model: GPT, ids: torch.Tensor, n_chars: int, *, batch_size: in
 # ----------------------------------------------------------------------------------------------
 # A script: one process or `torchrun --nproc_per_node=N` (DistributedDataParallel)
 # ----------------------------------------------------------------------------------------------
+def launch(nproc: int, args: list[str], *, timeout: float = 600) -> str:
+    """Run this script (`python -m course_utils.pretrain *args`) on `nproc` CPU or GPU processes; returns its output.
+
+    nproc > 1 goes through `torchrun` on this machine, with a free port for the processes to meet on.
+    A failure raises a RuntimeError that ends with the script's own last lines of output.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "course_utils.pretrain", *args]
+    else:
+        with socket.socket() as s:  # a port no other program is using right now
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "course_utils.pretrain", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).replace("\r", "\n").splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n{tail}")
+    return proc.stdout
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain a character-level GPT (one process or under torchrun).")
     p.add_argument("--data", type=Path, help="a UTF-8 text file (default: the course's Shakespeare)")

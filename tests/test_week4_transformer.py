@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -729,20 +728,20 @@ def test_ddp_with_two_processes_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node=2` (gloo, CPU) gives the same loss curve as one process at the same global batch."""
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 60)
-    args = ["-m", "course_utils.pretrain", "--data", str(text), "--steps", "8", "--batch-size", "4", "--block-size",
-            "16", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--eval-every", "4", "--eval-iters", "2",
-            "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], check=True, env=env, cwd=ROOT,
-                   capture_output=True, timeout=120)
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *args, "--out", str(tmp_path / "two.json")],
-                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=180)
+    args = ["--data", str(text), "--steps", "8", "--batch-size", "4", "--block-size", "16", "--n-layer", "1",
+            "--n-embd", "16", "--n-head", "2", "--eval-every", "4", "--eval-iters", "2", "--device", "cpu"]
+    P.launch(1, [*args, "--out", str(tmp_path / "one.json")], timeout=120)
+    P.launch(2, [*args, "--out", str(tmp_path / "two.json")], timeout=180)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert len(one["loss"]) == len(two["loss"]) == 8
     for a, b in zip(one["loss"] + one["val_loss"], two["loss"] + two["val_loss"]):
         assert a == pytest.approx(b, abs=1e-5)  # same math, different order of float additions
+
+
+def test_launch_reports_the_scripts_error():
+    with pytest.raises(RuntimeError, match="block_size"):
+        P.launch(1, ["--data", __file__, "--steps", "1", "--block-size", "100000"], timeout=120)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def step_output_without_summary(y_prev, state, summary, *, emb, cell, out):
     return F.linear(new, out.weight[:, :new.shape[-1]], out.bias), new
 
 
+def step_detached(y_prev, state, summary, *, emb, cell, out):  # right values, cut from the graph
+    with torch.no_grad():
+        new = cell(torch.cat([emb(y_prev), summary], -1), state)
+        return out(torch.cat([new, summary], -1)), new
+
+
 def step_gates_by_hand(y_prev, state, summary, *, emb, cell, out):
     """The GRU equations written out (Cho et al. 2014), and the output layer split into its two halves."""
     x = torch.cat([emb.weight[y_prev], summary], -1)
@@ -315,6 +321,10 @@ def additive_returns_softmax(query, keys, W_q, W_k, v):
     return torch.softmax(torch.tanh((query @ W_q)[:, None, :] + keys @ W_k) @ v, dim=-1)
 
 
+def additive_detached(query, keys, W_q, W_k, v):  # right scores, but the model could not learn W_q, W_k, v
+    return (torch.tanh((query @ W_q)[:, None, :] + keys @ W_k) @ v).detach()
+
+
 def additive_einsum(query, keys, W_q, W_k, v):
     hidden = torch.tanh(torch.einsum("bq,qa->ba", query, W_q).unsqueeze(1) + torch.einsum("bsk,ka->bsa", keys, W_k))
     return torch.einsum("bsa,a->bs", hidden, v)
@@ -373,6 +383,10 @@ def weights_with_library_softmax(scores, mask):  # right numbers, but the librar
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return F.softmax(scores, dim=-1)
+
+
+def weights_rebuilt_from_values(scores, mask):  # right numbers, but no gradient reaches the scores
+    return torch.tensor(_manual(scores, mask).tolist(), dtype=scores.dtype)
 
 
 def weights_logsumexp(scores, mask):
@@ -585,15 +599,16 @@ def rope_pair_by_pair(x, positions, base=10000.0):
 
 
 WRONG_IMPLEMENTATIONS = {
-    "3.1": [step_swapped_input, step_output_reads_old_state, step_returns_state_first, step_output_without_summary],
+    "3.1": [step_swapped_input, step_output_reads_old_state, step_returns_state_first, step_output_without_summary,
+            step_detached],
     "3.2": [tf_feeds_the_labels, tf_mean_of_step_means, tf_counts_padding, tf_sums, tf_detaches_the_state,
             tf_zero_initial_state],
     "3.3": [greedy_no_pad_after_eos, greedy_always_feeds_bos, greedy_output_starts_with_bos,
             greedy_zero_initial_state, greedy_returns_floats],
     "3.4": [beam_ignores_beam_size, beam_length_normalised, beam_ranks_by_last_character, beam_forgets_finished],
-    "3.5": [additive_no_tanh, additive_tanh_outside, additive_returns_softmax],
+    "3.5": [additive_no_tanh, additive_tanh_outside, additive_returns_softmax, additive_detached],
     "3.6": [weights_mask_with_zero, weights_wrong_axis, weights_global_max, weights_naive_exp,
-            weights_max_before_masking, weights_in_float32, weights_with_library_softmax],
+            weights_max_before_masking, weights_in_float32, weights_with_library_softmax, weights_rebuilt_from_values],
     "3.7": [sdpa_no_scale, sdpa_scale_by_dv, sdpa_softmax_over_queries, sdpa_mask_with_zero, sdpa_mask_transposed,
             sdpa_detached, sdpa_with_the_fused_kernel],
     "3.8": [causal_upper, causal_no_diagonal, causal_ignores_cache, causal_float],

@@ -108,6 +108,38 @@ def _():
                    args=(y, state, summary), kwargs=dict(emb=emb, cell=cell, out=out),
                    expected=lambda a=(y, state, summary, emb, cell, out): _step_expected(*a),
                    names=("logits", "new state"))
+    a = (y, state, summary, emb, cell, out)
+    yield Case("gradients reach the embedding, the GRU cell, the output layer and the state", atol=1e-5,
+               run=lambda fn, a=a: _step_grads(fn, *a), expected=lambda a=a: _step_grads(_step_by_gru, *a),
+               names=("logits", "new state", "d embedding", "d cell.weight_ih", "d out.weight", "d state"))
+
+
+def _step_by_gru(y, state, summary, *, emb, cell, out):
+    """The step through `nn.GRU` sharing the cell's Parameters (so gradients land on them), and F.embedding/F.linear."""
+    with torch.random.fork_rng():
+        gru = nn.GRU(cell.input_size, cell.hidden_size, batch_first=True)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        setattr(gru, name + "_l0", getattr(cell, name))
+    x = torch.cat([F.embedding(y, emb.weight), summary], dim=-1)  # (B, E + C)
+    new = gru(x[:, None, :], state[None])[1][0]  # (B, H)
+    return F.linear(torch.cat([new, summary], dim=-1), out.weight, out.bias), new
+
+
+def _step_grads(fn, y, state, summary, emb, cell, out):
+    """Outputs of fn and the gradients of a fixed weighting of them, on private copies of the modules."""
+    import copy
+
+    emb, cell, out = (copy.deepcopy(m) for m in (emb, cell, out))
+    state = state.detach().clone().requires_grad_(True)
+    result = fn(y.clone(), state, summary.clone(), emb=emb, cell=cell, out=out)
+    if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
+        return result  # the comparison explains what is wrong with it
+    logits, new = result
+    if not (logits.requires_grad and new.requires_grad):
+        return logits, new, None, None, None, None
+    loss = (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum() + (new * 0.5).sum()
+    loss.backward()
+    return logits.detach(), new.detach(), emb.weight.grad, cell.weight_ih.grad, out.weight.grad, state.grad
 
 
 @contextlib.contextmanager
@@ -339,6 +371,11 @@ def _():
         name = f"query ({B},{Dq}), keys ({B},{S},{Dk}), A={A}" + (", large inputs (tanh saturates)" if scale > 1 else "")
         yield Case(name, args=(q, k, W_q, W_k, v), names="scores", atol=1e-5,
                    expected=lambda a=(q, k, W_q, W_k, v): _additive_loop(*a))  # explicit loop over every (example, key)
+    a = (randn(g, 2, 4), randn(g, 2, 5, 3), randn(g, 4, 6) / 2, randn(g, 3, 6) / 2, randn(g, 6))
+    yield Case("gradients reach query, keys, W_q, W_k and v (the trained model learns through them)",
+               run=lambda fn, a=a: _output_and_grads(fn, a, range(5)), atol=1e-5,
+               names=("scores", "d query", "d keys", "d W_q", "d W_k", "d v"),
+               expected=lambda a=a: _output_and_grads(_additive_loop, a, range(5)))
 
 
 def _additive_loop(q, k, W_q, W_k, v):
@@ -383,20 +420,25 @@ def _():
             scores = scores.masked_fill(~mask, 1e4)
         yield Case(name, args=(scores, mask), names="weights", atol=1e-6,
                    expected=lambda a=(scores, mask): _softmax_rows(*a))
+    a = (randn(g, 3, 6, scale=3), _lengths_mask([6, 4, 2], 6))
+    yield Case("gradients flow back to the scores (0 for masked keys), key lengths [6, 4, 2]",
+               run=lambda fn, a=a: _output_and_grads(fn, a, (0,)), names=("weights", "d scores"), atol=1e-6,
+               expected=lambda a=a: _output_and_grads(
+                   lambda s_, m_: torch.softmax(s_.masked_fill(~m_, float("-inf")), dim=-1), a, (0,)))
 
 
 # ----------------------------------------------------------------------------------------------
 # 03 — scaled dot-product attention, causal masks, multi-head attention, RoPE
 # ----------------------------------------------------------------------------------------------
-def _sdpa_grads(fn, q, k, v, mask):
-    """Output and the gradients of sum(output * w) with respect to q, k and v (w fixed random weights)."""
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v, mask)
+def _output_and_grads(fn, args, wrt):
+    """fn(*args) and the gradients of sum(output * w), w a fixed ramp, with respect to args[i] for i in `wrt`."""
+    args = [a.detach().clone().requires_grad_(i in wrt) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    out = fn(*args)
     if not isinstance(out, torch.Tensor) or not out.requires_grad:
-        return out, None, None, None
-    w = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return (out, *([None] * len(wrt)))  # the comparison names the missing gradient
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
     (out * w).sum().backward()
-    return out.detach(), q.grad, k.grad, v.grad
+    return (out.detach(), *(args[i].grad for i in wrt))
 
 
 @exercise("3.7", "Scaled dot-product attention", reference="course_utils.attention:scaled_dot_product_attention",
@@ -427,9 +469,9 @@ def _():
     q, k, v = randn(g, 2, 4, 8), randn(g, 2, 6, 8), randn(g, 2, 6, 5)
     mask = _lengths_mask([6, 3], 6)[:, None, :]
     yield Case("gradients flow to q, k and v: (2, 4, 8), (2, 6, 8), (2, 6, 5), key lengths [6, 3]",
-               run=lambda fn, a=(q, k, v, mask): _sdpa_grads(fn, *a), names=("output", "dq", "dk", "dv"), atol=1e-5,
-               expected=lambda a=(q, k, v, mask): _sdpa_grads(
-                   lambda q_, k_, v_, m_: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_), *a))
+               run=lambda fn, a=(q, k, v, mask): _output_and_grads(fn, a, (0, 1, 2)), names=("output", "dq", "dk", "dv"),
+               atol=1e-5, expected=lambda a=(q, k, v, mask): _output_and_grads(
+                   lambda q_, k_, v_, m_: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_), a, (0, 1, 2)))
 
 
 @exercise("3.8", "Causal mask (also for queries that are the last T of S keys)",

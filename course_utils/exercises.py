@@ -51,7 +51,7 @@ class Case:
     def call(self, obj: Any) -> Any:
         if self.run is not None:
             return self.run(obj)
-        return obj(*_clone(self.args), **_clone(self.kwargs))
+        return obj(*clone_inputs(self.args), **clone_inputs(self.kwargs))
 
 
 @dataclass

@@ -42,3 +42,4 @@ def _():
         run = _linear_with_grads(x, w, b)
         yield Case(f"x ({n}, 4)", run=run, reference=linear_reference,
                    names=("y", "the gradient of x", "the gradient of w", "the gradient of b"))
+        yield Case(f"x ({n}, 4), outputs only", args=(x, w, b), reference=linear_reference, names="y")

@@ -186,11 +186,3 @@ def seq2seq_loss(model: EncoderDecoder, src: torch.Tensor, src_lengths: torch.Te
     logits = model(src, tgt_in, src_lengths)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad)
 
-
-def family_masks(T: int) -> dict[str, torch.Tensor]:
-    """The attention masks that define each family, for a picture: (T, T) or (T, S) bool, True = may attend."""
-    full = torch.ones(T, T, dtype=torch.bool)
-    return {"encoder-only (BERT): self-attention": full,
-            "decoder-only (GPT): causal self-attention": attn.causal_mask(T),
-            "encoder-decoder: decoder's cross-attention": full}
-

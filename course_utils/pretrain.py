@@ -2,8 +2,8 @@
 
 Reading order: random windows of a token stream -> AdamW written out (Loshchilov & Hutter 2019),
 with decay and no-decay parameter groups -> linear warmup and cosine decay of the learning rate ->
-one training step (mixed precision, gradient clipping) -> the loop (evaluation, tokens/s, MFU, a
-live loss plot) -> checkpoints that resume exactly -> bits per character -> data parallelism.
+one training step (mixed precision, gradient clipping) -> the loop (evaluation, tokens/s, a live
+loss plot) -> checkpoints that resume exactly -> bits per character -> data parallelism.
 
 Run it as a script, on one process or several (DistributedDataParallel, `torchrun`):
     python -m course_utils.pretrain --steps 200
@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import accounting
 from .rnn import clip_grad_norm
 from .runtime import autocast, get_device, get_precision, grad_scaler
 from .text import random_windows
@@ -301,11 +300,6 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
         bar.close()
         return self.history
-
-    def mfu(self, peak_flops: float) -> float:
-        """Model FLOPs utilisation of the last logged window against `peak_flops` (FLOP/s)."""
-        return accounting.mfu(self.history["tokens_per_s"][-1], self.model.config, peak_flops,
-                              seq_len=self.loader.block_size)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -735,7 +735,7 @@ class BNWithRsqrtAndLerp(nn.Module):
 
 
 class BNFromMoments(nn.Module):
-    """Correct, written differently: variance as E[x²] - E[x]², statistics kept as (1, C) rows."""
+    """Correct, written differently: statistics kept as (1, C) rows, sums divided by n, powers instead of sqrt."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
@@ -749,7 +749,7 @@ class BNFromMoments(nn.Module):
         n = x.shape[0]
         if self.training:
             mean = x.sum(0, keepdim=True) / n  # (1, C)
-            var = (x * x).sum(0, keepdim=True) / n - mean ** 2  # (1, C)
+            var = ((x - mean) ** 2).sum(0, keepdim=True) / n  # (1, C)
             m = self.momentum
             self.running_mean = self.running_mean * (1 - m) + mean.detach().squeeze(0) * m
             self.running_var = self.running_var * (1 - m) + var.detach().squeeze(0) * (n / (n - 1)) * m

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import attention as attn_lib
 from .attention import padding_mask
+from .metrics import paired_difference  # noqa: F401  (re-exported: notebooks call s2s.paired_difference)
 from .runtime import one_cpu_thread
 from .text import CharVocab
 
@@ -694,16 +695,6 @@ def exact_match(model: Seq2Seq, examples: Sequence[dict[str, str]], vocab: CharV
     """Fraction of examples whose decoded output equals the target exactly."""
     preds = translate(model, [e["src"] for e in examples], vocab, max_len=max_len, decode=decode)
     return sum(p == e["tgt"] for p, e in zip(preds, examples)) / max(len(examples), 1)
-
-
-def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float, float]:
-    """Mean of a - b over paired items (e.g. beam right, greedy right) and its 95% interval (normal approximation)."""
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / max(n, 1)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
-    half = 1.96 * sd / math.sqrt(max(n, 1))
-    return mean, mean - half, mean + half
 
 
 def symbol_accuracy(pred: str, target: str) -> float:

@@ -222,7 +222,8 @@ class LearnedPositions(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (T, hs) for rotary embeddings, in Llama's layout (dimension i pairs with i + hs/2)."""
-    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
+    # 1 / base^(2i/hs), computed exactly as transformers' Llama does (same float32 rounding, so logits match bit for bit)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size))
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs/2): theta_i * m
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     return angles.cos(), angles.sin()

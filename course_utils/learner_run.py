@@ -1,5 +1,9 @@
 """Running a learner's function on an exercise's cases, in a child process with a hard deadline.
 
+The deadline is measured in CPU time (the child's own, so a busy machine or a grader running several
+submissions at once does not turn a correct answer into a timeout), with a wall-clock limit
+WALL_FACTOR times longer for code that waits instead of computing.
+
 On Linux and macOS the cases run in a forked copy of the notebook's process: the learner's code sees
 everything the notebook defined, but a loop that swallows every exception, or one that never ends,
 is stopped by killing the child (and everything it started), and nothing the code patches during the
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import select
 import signal
@@ -28,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from .verdicts import MAX_RECORD_BYTES, WireError, encode, safe_text
 
 MAX_PRINTED = 10_000  # characters of the learner's printed output shown after a check
+WALL_FACTOR = 4.0  # wall-clock limit = WALL_FACTOR x the CPU-time limit (a sleeping loop is stopped too)
 
 
 def _resolve(qualname: str) -> Any:
@@ -180,10 +186,22 @@ def _block(reference: Any) -> None:
             pass
 
 
-def _child(write_fd: int, cases: list, obj: Any, forbid: tuple[str, ...], reference: Any) -> None:
+def _limit_cpu(seconds: float) -> None:
+    """In the child: SIGXCPU after `seconds` of CPU time, SIGKILL one second later (a handler cannot save it)."""
+    try:
+        import resource
+
+        soft = max(1, math.ceil(seconds))
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    except (ImportError, ValueError, OSError):
+        pass  # the wall-clock limit still applies
+
+
+def _child(write_fd: int, cases: list, obj: Any, forbid: tuple[str, ...], reference: Any, time_limit: float) -> None:
     """In the forked child: run every case, stream one frame per case, then exit without returning."""
     try:
         os.setpgid(0, 0)  # its own process group, so the parent can end everything it starts
+        _limit_cpu(time_limit)  # a fork starts at zero CPU time: this is the check's own budget
         torch.set_num_threads(1)  # OpenMP's thread pool does not survive fork; one thread is always safe
         _block(reference)
         out = _Capped()
@@ -231,16 +249,18 @@ def _read_frames(read_fd: int, deadline: float) -> tuple[list[dict], bool]:
             buf = buf[8 + n:]
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int) -> float:
+    """End the child and everything it started; return the CPU seconds the child used."""
     for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
         try:
             kill()
         except (ProcessLookupError, PermissionError, OSError):
             pass
     try:
-        os.waitpid(pid, 0)
+        _, _, usage = os.wait4(pid, 0)
+        return usage.ru_utime + usage.ru_stime
     except ChildProcessError:
-        pass
+        return 0.0
 
 
 def run_cases(cases: list, obj: Any, *, time_limit: float, forbid: tuple[str, ...] = (), reference: Any = None) -> dict:
@@ -253,17 +273,19 @@ def run_cases(cases: list, obj: Any, *, time_limit: float, forbid: tuple[str, ..
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(write_fd, cases, obj, forbid, reference)
+        _child(write_fd, cases, obj, forbid, reference, time_limit)
     os.close(write_fd)
     try:
         try:
             os.setpgid(pid, pid)  # also set from this side, so killpg works even if the child is slow to start
         except OSError:
             pass
-        frames, finished = _read_frames(read_fd, time.monotonic() + time_limit)
+        frames, finished = _read_frames(read_fd, time.monotonic() + WALL_FACTOR * time_limit)
     finally:
         os.close(read_fd)
-        _kill_group(pid)  # whatever the learner's code started is ended with it
+        cpu_seconds = _kill_group(pid)  # whatever the learner's code started is ended with it
+    if finished and cpu_seconds >= math.ceil(time_limit) - 0.05 and not (frames and "printed" in frames[-1]):
+        finished = False  # the CPU-time limit ended it (SIGXCPU or the SIGKILL after it)
     printed = ""
     if frames and "printed" in frames[-1]:
         printed = safe_text(frames.pop()["printed"], MAX_PRINTED)

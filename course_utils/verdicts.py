@@ -309,7 +309,7 @@ def judge(exercise_id: str, record: dict) -> dict:
         r = results[i] if i < len(results) and isinstance(results[i], dict) else None
         if r is None:
             if record.get("status") == "timeout":
-                return verdict("timeout", i, f"Stopped after {ex.time_limit:g} s: is there an infinite loop, "
+                return verdict("timeout", i, f"Stopped after {ex.time_limit:g} s of computing: is there an infinite loop, "
                                              "or a Python loop over every element?", case)
             return verdict("error", i, safe_text(record.get("message") or "Your code stopped before this case ran."), case)
         status = r.get("status")

@@ -257,3 +257,35 @@ def test_wire_format_round_trip_and_compare():
 def test_unknown_exercise_lists_known_ones():
     with pytest.raises(KeyError, match="Known:"):
         check("99.9", naive)
+
+
+def test_time_limit_is_cpu_time_so_a_busy_machine_does_not_time_out_a_right_answer():
+    """Four busy processes on the check's CPU: a right answer still passes (the limit counts its own CPU time)."""
+    import multiprocessing as mp
+
+    hogs = [mp.get_context("fork").Process(target=_spin, daemon=True) for _ in range(4)]
+    for h in hogs:
+        h.start()
+    try:
+        def softmax(x):
+            e = (x - x.max(dim=-1, keepdim=True).values).exp()
+            return e / e.sum(dim=-1, keepdim=True)
+        assert check("0.1", softmax, quiet=True)
+    finally:
+        for h in hogs:
+            h.kill()
+
+
+def test_a_waiting_loop_is_stopped_by_the_wall_clock():
+    def sleeps(x):
+        while True:
+            time.sleep(0.05)
+    start = time.monotonic()
+    res = check("0.1", sleeps, quiet=True)
+    assert res.status == "timeout"
+    assert time.monotonic() - start < 15
+
+
+def _spin():
+    while True:
+        pass

@@ -185,3 +185,180 @@ def verify(check: dict[str, Any], reply: str) -> bool:
         return reply.split(maxsplit=1)[0].strip(":,.!").lower() == check["word"].lower() if reply else False
     raise ValueError(f"unknown check {check!r}: expected an 'answer' or a 'rule' of "
                      "uppercase/lowercase/count/separator/start")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenised pairs: the chat template around prompt + reply, chosen rows first (TRL's batch layout)
+# ----------------------------------------------------------------------------------------------
+SYSTEM = "You are a helpful assistant."  # shorter than SmolLM2's default system turn: fewer tokens per step on a CPU
+
+
+def chat_messages(prompt: str, reply: str | None = None) -> list[dict[str, str]]:
+    """The conversation [system, user: prompt, assistant: reply] (no assistant turn when reply is None)."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    return messages + ([{"role": "assistant", "content": reply}] if reply is not None else [])
+
+
+def chat_ids(tok, prompt: str, reply: str) -> list[int]:
+    """Token ids of the conversation (system, user: prompt, assistant: reply), as the chat template writes it."""
+    messages = chat_messages(prompt, reply)
+    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def encode_pairs(pairs: list[dict[str, Any]], tok, *, max_length: int = 256) -> list[dict[str, Any]]:
+    """{"chosen_ids", "rejected_ids", "kind"} per pair. Refuses pairs a reward model cannot learn from."""
+    out = []
+    for i, pair in enumerate(pairs):
+        missing = {"prompt", "chosen", "rejected"} - set(pair)
+        if missing:
+            raise ValueError(f"pair {i} has no {sorted(missing)}: each pair needs 'prompt', 'chosen' and 'rejected'")
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            raise ValueError(f"pair {i} ({pair.get('id', '?')}): chosen and rejected are the same reply "
+                             f"({pair['chosen']!r}), so there is no preference to learn; drop or fix the pair")
+        chosen, rejected = chat_ids(tok, pair["prompt"], pair["chosen"]), chat_ids(tok, pair["prompt"], pair["rejected"])
+        if max(len(chosen), len(rejected)) > max_length:
+            raise ValueError(f"pair {i} is {max(len(chosen), len(rejected))} tokens, over max_length={max_length}")
+        out.append({"chosen_ids": chosen, "rejected_ids": rejected, "kind": pair.get("kind", "")})
+    return out
+
+
+def collate_pairs(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and attention_mask of shape (2B, T): the B chosen rows, then the B rejected rows."""
+    rows = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention_mask[i, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward model: the language model's trunk, and one linear "score" on the last token's state
+# ----------------------------------------------------------------------------------------------
+class RewardModel(nn.Module):
+    """r(x) = w . h_last(x): the trunk's final hidden state at the last real token, mapped to one number.
+
+    The same layout as transformers' `LlamaForSequenceClassification(num_labels=1)` (TRL's reward model),
+    so the two can share weights: `backbone` is the decoder (`model.model`), `score` a bias-free Linear(C, 1).
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.score = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=hidden_size ** -0.5)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module, *, n_layers: int | None = None, train_layers: int = 2) -> RewardModel:
+        """Take a causal LM's trunk (its LM head is dropped), optionally only its first `n_layers` blocks (a
+        cheaper reward model); only the last `train_layers` blocks, the final norm and the score head train."""
+        if n_layers is not None:
+            lm.model.layers = lm.model.layers[:n_layers]
+            lm.config.num_hidden_layers = n_layers
+        rm = cls(lm.model, lm.config.hidden_size)
+        for p in rm.backbone.parameters():
+            p.requires_grad_(False)
+        n = len(rm.backbone.layers)
+        for module in list(rm.backbone.layers[n - train_layers:]) + [rm.backbone.norm]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        return rm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded ids and mask -> (B,) rewards."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
+        last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real token (right padding)
+        return self.score(h[torch.arange(h.shape[0]), last]).squeeze(-1)  # (B,)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged over pairs (Bradley-Terry; Ouyang et al. 2022, eq. 1).
+
+    `logsigmoid` rather than `log(sigmoid(.))`: the latter underflows to log(0) = -inf for a large wrong margin.
+    """
+    if not isinstance(r_chosen, torch.Tensor) or not isinstance(r_rejected, torch.Tensor):
+        raise TypeError("r_chosen and r_rejected must be tensors of rewards, one per pair")
+    if r_chosen.shape != r_rejected.shape or r_chosen.dim() != 1:
+        raise ValueError(f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} must be two "
+                         "1-D tensors of the same length (one reward per pair)")
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pair_rewards(rm: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (B,), from a collated (2B, T) batch."""
+    return torch.chunk(rm(batch["input_ids"], batch["attention_mask"]), 2)
+
+
+@torch.no_grad()
+def score_pairs(rm: RewardModel, encoded: list[dict[str, Any]], pad_id: int, *, batch_size: int = 16,
+                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of every chosen and rejected reply, in order: two (N,) tensors."""
+    from tqdm.auto import tqdm
+
+    rm.eval()
+    chosen, rejected = [], []
+    for i in tqdm(range(0, len(encoded), batch_size), desc="scoring pairs", disable=not progress, leave=False):
+        rc, rr = pair_rewards(rm, collate_pairs(encoded[i:i + batch_size], pad_id))
+        chosen.append(rc)
+        rejected.append(rr)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def train_reward_model(rm: RewardModel, encoded: list[dict[str, Any]], pad_id: int, *, steps: int,
+                       batch_size: int = 8, lr: float = 1e-4, seed: int = 0, log_every: int = 10,
+                       loss_fn=bradley_terry_loss) -> dict[str, list[float]]:
+    """AdamW on the Bradley-Terry loss over random batches of pairs; returns {"step", "loss", "accuracy"}."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    rm.train()
+    for step in (bar := tqdm(range(1, steps + 1), desc="reward model")):
+        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+        rc, rr = pair_rewards(rm, collate_pairs([encoded[i] for i in idx], pad_id))
+        loss = loss_fn(rc, rr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history["step"].append(step)
+        history["loss"].append(loss.item())
+        history["accuracy"].append((rc > rr).float().mean().item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{sum(history['loss'][-log_every:]) / log_every:.3f}")
+    rm.eval()
+    return history
+
+
+def trl_reward_loss(rm: RewardModel, lm_config, tok, pairs: list[dict[str, Any]], *, batch_size: int = 4,
+                    output_dir: str = "/tmp/course-trl-reward") -> tuple[float, float, int]:
+    """TRL's `RewardTrainer.compute_loss` and ours on the same batch and weights: (trl_loss, our_loss, batch size).
+
+    TRL tokenises the conversational pairs itself and pools `LlamaForSequenceClassification` at the last
+    non-pad token; we copy our trunk and score head into that model, take TRL's first training batch and
+    run both losses on it.
+    """
+    from datasets import Dataset
+    from transformers import LlamaForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    config = lm_config.__class__.from_dict({**lm_config.to_dict(), "num_labels": 1, "pad_token_id": tok.pad_token_id})
+    clf = LlamaForSequenceClassification(config)
+    clf.model.load_state_dict(rm.backbone.state_dict())
+    clf.score.weight.data.copy_(rm.score.weight.data)
+    clf.eval()
+    data = Dataset.from_list([{"prompt": chat_messages(p["prompt"]),
+                               "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    args = RewardConfig(output_dir=output_dir, per_device_train_batch_size=batch_size, report_to="none",
+                        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, disable_dropout=True,
+                        dataloader_num_workers=0, max_length=None, seed=0)
+    trainer = RewardTrainer(model=clf, args=args, train_dataset=data, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(clf, dict(batch)).item()
+        rm.eval()
+        ours = bradley_terry_loss(*pair_rewards(rm, batch)).item()
+    return trl_loss, ours, batch["input_ids"].shape[0] // 2

@@ -40,7 +40,10 @@ def slug(text: str) -> str:
 def bench(root: Path, profile: str, notebooks: list[Path] | None = None, *, out: Path | None = None,
           timeout: float = 3600, progress=print) -> Path:
     """Run the notebooks under `profile`; merge their results into the results file and return its path."""
-    notebooks = notebooks or sorted((root / "solutions").glob("week*/*.ipynb"))
+    notebooks = notebooks or [root / "solutions"]
+    # a folder stands for every notebook below it (`course bench solutions/week4_transformer`)
+    notebooks = [n for p in notebooks for n in (sorted(Path(p).rglob("week*/*.ipynb")) or sorted(Path(p).glob("*.ipynb"))
+                                                  if Path(p).is_dir() else [Path(p)])]
     hw = hardware()
     out = out or root / "benchmarks" / f"{profile}-{slug(hw)}.json"
     data = json.loads(out.read_text()) if out.exists() else {"notebooks": {}}

@@ -11,6 +11,7 @@ matmul kernels, outlier handling and error-compensating rounding; the arithmetic
 """
 from __future__ import annotations
 
+import functools
 import math
 import zipfile
 from dataclasses import dataclass
@@ -216,8 +217,13 @@ def model_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 def heldout_windows(text: str, tokenizer, *, n_windows: int, seq_len: int) -> torch.Tensor:
     """The first n_windows * seq_len tokens of `text`, as (n_windows, seq_len) windows; fixed for all models."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     need = n_windows * seq_len
+    chars = 8 * need  # tokenize a prefix only (English averages about 4 characters per token)
+    while True:
+        ids = tokenizer(text[:chars], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        if ids.numel() > need or chars >= len(text):
+            break
+        chars *= 2
     if ids.numel() < need:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than n_windows * seq_len = {need}")
     return ids[:need].view(n_windows, seq_len)  # (N, T)
@@ -239,6 +245,32 @@ def window_nlls(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
         out.append(nll.mean(dim=1))
     model.train(was_training)
     return torch.cat(out)
+
+
+def pick_threads(model: nn.Module, x: torch.Tensor, repeats: int = 2) -> int:
+    """On a CPU, time a forward pass on `x` with 1 thread and with every core; keep the faster (returned).
+
+    On a busy machine (shared laptop, CI) torch's threads wait for each other and a 135M model can run five
+    to ten times slower on 2 threads than on 1; on an idle one more threads help. No-op on GPU.
+    """
+    import os
+    import time
+
+    if next(model.parameters()).device.type != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    timings = {}
+    with torch.no_grad():
+        for n in sorted({1, cores}):
+            torch.set_num_threads(n)
+            model(x)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            timings[n] = time.perf_counter() - start
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
 
 
 def perplexity(nlls: torch.Tensor) -> float:
@@ -282,11 +314,16 @@ def dequantize_q4_1(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return (codes * d + m).reshape(shape)
 
 
-def read_gguf_q4_1(name: str, path: Path | None = None) -> dict:
-    """One Q4_1 tensor of the GGUF: its raw bytes, shape (rows, cols) as torch stores it, and decoded values."""
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: Path):
     import gguf
 
-    reader = gguf.GGUFReader(path or smollm2_gguf_path())
+    return gguf.GGUFReader(path)  # parses the header once (the tokenizer's 49 152 strings take seconds)
+
+
+def read_gguf_q4_1(name: str, path: Path | None = None) -> dict:
+    """One Q4_1 tensor of the GGUF: its raw bytes, shape (rows, cols) as torch stores it, and decoded values."""
+    reader = _gguf_reader(Path(path or smollm2_gguf_path()))
     tensors = {t.name: t for t in reader.tensors}
     if name not in tensors:
         raise KeyError(f"no tensor {name!r} in the GGUF; e.g. {', '.join(list(tensors)[:4])}")

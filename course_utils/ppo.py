@@ -93,8 +93,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     values = values * mask
     B, T = rewards.shape
     advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(B, dtype=values.dtype)
-    next_adv = torch.zeros(B, dtype=values.dtype)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_adv = torch.zeros(B, dtype=values.dtype, device=values.device)
     for t in reversed(range(T)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
@@ -167,7 +167,7 @@ def rollout(policy: PolicyWithValue, tok, prompts: list[str], *, max_new_tokens:
     """Sample one reply per prompt from the policy (chat template, left padding)."""
     tok.padding_side = "left"
     texts = [tok.apply_chat_template(chat_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.value_head.weight.device)
     policy.eval()
     out = policy.lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                              temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
@@ -201,8 +201,8 @@ def score_replies(rm, tok, prompts: list[str], replies: list[str]) -> torch.Tens
 
     ids = [{"chosen_ids": chat_ids(tok, p, r), "rejected_ids": []} for p, r in zip(prompts, replies)]
     batch = collate_pairs(ids, tok.pad_token_id)
-    n = len(prompts)
-    return rm(batch["input_ids"][:n], batch["attention_mask"][:n])
+    n, device = len(prompts), rm.score.weight.device
+    return rm(batch["input_ids"][:n].to(device), batch["attention_mask"][:n].to(device)).float().cpu()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def train_rl(policy: PolicyWithValue, rm, tok, items: list[dict[str, Any]], cfg:
         batch = [items[i] for i in torch.randint(len(items), (cfg.batch_size,), generator=g).tolist()]
         prompts = [b["prompt"] for b in batch]
         ro = rollout(policy, tok, prompts, max_new_tokens=cfg.max_new_tokens)
-        score = score_replies(rm, tok, prompts, ro.texts)
+        score = score_replies(rm, tok, prompts, ro.texts).to(ro.mask.device)
         old_logp, old_values = response_stats(policy, ro)
         ref_logp, _ = response_stats(policy, ro, reference=True)
         mask = ro.mask.float()

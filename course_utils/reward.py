@@ -362,3 +362,52 @@ def trl_reward_loss(rm: RewardModel, lm_config, tok, pairs: list[dict[str, Any]]
         rm.eval()
         ours = bradley_terry_loss(*pair_rewards(rm, batch)).item()
     return trl_loss, ours, batch["input_ids"].shape[0] // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# One trained reward model shared by notebooks 01 and 02 (its trainable weights cached on disk)
+# ----------------------------------------------------------------------------------------------
+RM_SIZES = {  # per profile: trunk depth, trained top blocks, steps, batch, learning rate, training pairs
+    "smoke": dict(n_layers=2, train_layers=1, steps=4, batch_size=4, lr=3e-4, train_pairs=64),
+    "cpu": dict(n_layers=10, train_layers=2, steps=60, batch_size=8, lr=1e-4, train_pairs=1200),
+    "gpu": dict(n_layers=30, train_layers=4, steps=300, batch_size=16, lr=5e-5, train_pairs=1200),
+}
+
+
+def _rm_path(sizes: dict[str, Any]) -> Path:
+    from .runtime import cache_dir
+
+    tag = "-".join(f"{k}{v}" for k, v in sorted(sizes.items()))
+    return cache_dir("week6") / f"reward-model-{tag}.pt"
+
+
+def save_reward_model(rm: RewardModel, sizes: dict[str, Any]) -> Path:
+    """Cache the trained (requires_grad) weights; the frozen rest is SmolLM2's and reloads from the data layer."""
+    path = _rm_path(sizes)
+    torch.save({k: v for k, v in rm.state_dict().items() if k in _trainable_names(rm)}, path)
+    return path
+
+
+def _trainable_names(rm: RewardModel) -> set[str]:
+    return {n for n, p in rm.named_parameters() if p.requires_grad}
+
+
+def get_reward_model(sizes: dict[str, Any], *, seed: int = 0) -> tuple[RewardModel, Any]:
+    """(reward model, tokenizer) of these sizes: loaded from the cache if notebook 01 saved one, else trained now."""
+    from .data import load_smollm2
+
+    lm, tok = load_smollm2()
+    torch.manual_seed(seed)
+    rm = RewardModel.from_causal_lm(lm, n_layers=sizes["n_layers"], train_layers=sizes["train_layers"])
+    path = _rm_path(sizes)
+    if path.exists():
+        rm.load_state_dict(torch.load(path), strict=False)
+    else:
+        encoded = encode_pairs(load_preferences("train")[: sizes["train_pairs"]], tok)
+        train_reward_model(rm, encoded, tok.pad_token_id, steps=sizes["steps"], batch_size=sizes["batch_size"],
+                           lr=sizes["lr"], seed=seed)
+        save_reward_model(rm, sizes)
+    rm.eval()
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm, tok

@@ -321,20 +321,24 @@ class PeakMemory:
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.mb = float("nan")
+        self.mb = self.start_mb = float("nan")  # peak during the block; resident at its start
 
     @staticmethod
-    def _hwm_kb() -> int | None:
+    def _status_kb(field: str) -> int | None:
         try:
             with open("/proc/self/status") as f:
-                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+                return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
         except (OSError, StopIteration):
             return None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/clear_refs"):
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        kb = self._status_kb("VmRSS")
+        self.start_mb = kb / 1024 if kb is not None else float("nan")
+        if os.path.exists("/proc/self/clear_refs"):
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
@@ -346,5 +350,54 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            kb = self._hwm_kb()
+            kb = self._status_kb("VmHWM")
             self.mb = (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting: every score with its item count and 95% interval
+# ----------------------------------------------------------------------------------------------
+GENERAL_PROMPTS = [  # forgetting probes: nothing like the fine-tuning tasks
+    "What is the capital of France?",
+    "Give me one tip for sleeping better.",
+    "Write a haiku about the sea.",
+]
+
+
+def record_eval(name: str, result: dict[str, Any]) -> str:
+    """Record exact match (Wilson 95% interval) and clean-stop rate of an `evaluate` result; return a summary."""
+    from .metrics import format_ci, proportion_ci, record
+
+    n = len(result["correct"])
+    acc, clean = proportion_ci(result["correct"]), proportion_ci(result["clean_stop"])
+    for key, (m, lo, hi) in (("exact_match", acc), ("clean_stop", clean)):
+        record(f"{name}.{key}", m, show=False)
+        record(f"{name}.{key}_low", lo, show=False)
+        record(f"{name}.{key}_high", hi, show=False)
+    record(f"{name}.n_items", n, show=False)
+    return f"{name}: exact match {format_ci(acc, n)}, clean stops {format_ci(clean, n)}"
+
+
+def record_gain(name: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Record the paired before -> after exact-match gain on the same items, with its 95% interval."""
+    from .metrics import format_ci, paired_difference, record
+
+    diff = paired_difference(after["correct"], before["correct"])
+    for key, v in zip(("", "_low", "_high"), diff, strict=True):
+        record(f"{name}.gain{key}", v, show=False)
+    return f"{name}: gain {format_ci(diff, len(after['correct']))} (paired, same items)"
+
+
+def by_task(items: Sequence[dict], result: dict[str, Any]) -> dict[str, float]:
+    """Exact match per task kind."""
+    out: dict[str, list[bool]] = {}
+    for it, ok in zip(items, result["correct"], strict=True):
+        out.setdefault(it["task"], []).append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(out.items())}
+
+
+def heldout_text(chars: int = 20000) -> str:
+    """General English text the fine-tunes never see (the end of the Shakespeare corpus): a perplexity probe."""
+    from .data import load_shakespeare
+
+    return load_shakespeare()[-chars:]

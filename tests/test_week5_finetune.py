@@ -529,3 +529,16 @@ def test_packed_forward_equals_separate_forwards():
             t += len(s)
         naive = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]  # no mask
         assert not torch.allclose(naive[5:8], out[5:8], atol=1e-3)  # attends across sequences
+
+
+def test_peak_memory_is_measured_and_reset_between_blocks():
+    with ft.PeakMemory() as big:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        del x
+    with ft.PeakMemory() as small:
+        y = torch.ones(1024)
+        del y
+    assert big.mb - big.start_mb > 50
+    if Path("/proc/self/clear_refs").exists():
+        assert small.mb - small.start_mb < big.mb - big.start_mb - 30

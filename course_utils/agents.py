@@ -285,6 +285,8 @@ def score_episode(task: dict, ep: Episode) -> dict:
     success = ep.answer is not None and exact_match(ep.answer, task["answer"])
     right_tool = first is not None and first["call"]["tool"] == task["tool"]
     args_ok = right_tool and _arguments_ok(task, first["call"], first["observation"])
+    squeeze = lambda args: json.dumps(args, sort_keys=True).replace(" ", "")  # noqa: E731 - spaces do not count
+    exact_args = right_tool and squeeze(first["call"]["arguments"]) == squeeze(task["arguments"])
     if success:
         failure = None
     elif ep.answer is None and not calls and attempts:
@@ -302,7 +304,7 @@ def score_episode(task: dict, ep: Episode) -> dict:
         failure = "right call, wrong answer"
     return {"id": task.get("id"), "kind": task.get("kind"), "success": success,
             "valid_calls": sum(t["kind"] == "call" for t in attempts), "call_attempts": len(attempts),
-            "right_tool": right_tool, "right_arguments": args_ok, "steps": len(ep.turns),
+            "right_tool": right_tool, "right_arguments": args_ok, "exact_arguments": exact_args, "steps": len(ep.turns),
             "seconds_per_turn": sum(t["seconds"] for t in ep.turns) / max(len(ep.turns), 1), "failure": failure}
 
 
@@ -316,6 +318,7 @@ def summarize(scores: list[dict]) -> dict:
             "valid_call_rate": proportion_ci(valid, attempts) if attempts else (float("nan"),) * 3,
             "call_attempts": attempts, "right_tool": proportion_ci([s["right_tool"] for s in scores]),
             "right_arguments": proportion_ci([s["right_arguments"] for s in scores]),
+            "exact_arguments": proportion_ci([s["exact_arguments"] for s in scores]),
             "mean_steps": sum(s["steps"] for s in scores) / max(n, 1),
             "seconds_per_turn": sum(s["seconds_per_turn"] for s in scores) / max(n, 1),
             "failures": {f: sum(s["failure"] == f for s in scores) for f in FAILURES}}

@@ -594,6 +594,14 @@ def test_failure_taxonomy(episode, failure):
     assert A.score_episode(CALC_TASK, episode)["failure"] == failure
 
 
+def test_exact_arguments_ignore_spaces_but_not_content():
+    same = {"tool": "calculator", "arguments": {"expression": "6*7"}}
+    other = {"tool": "calculator", "arguments": {"expression": "7 * 6"}}
+    assert A.score_episode(CALC_TASK, _episode(("call", same, "42"), ("answer", None, None), answer="42"))["exact_arguments"]
+    s = A.score_episode(CALC_TASK, _episode(("call", other, "42"), ("answer", None, None), answer="42"))
+    assert s["right_arguments"] and not s["exact_arguments"]
+
+
 def test_summarize_counts_and_intervals():
     scores = [A.score_episode(CALC_TASK, _episode(("call", GOOD, "42"), ("answer", None, None), answer="42")),
               A.score_episode(CALC_TASK, _episode(("answer", None, None), answer="1"))]

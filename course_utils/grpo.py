@@ -10,7 +10,6 @@ advantages (exercise 6.7) -> the clipped objective with KL (6.8) -> sampling gro
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import warnings
@@ -48,32 +47,17 @@ def generate_rl_split(split: str) -> list[dict[str, Any]]:
 
 
 def write_rl_split(folder: Path, split: str) -> Path:
-    path = Path(folder) / f"{split}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for item in generate_rl_split(split):
-            f.write(json.dumps(item) + "\n")
-    return path
+    """Write `<folder>/<split>.jsonl` (what `datasets/rl_prompts/make_rl_prompts.py` runs)."""
+    from .data import write_jsonl
 
-
-def rl_prompts_dir() -> Path | None:
-    """`datasets/rl_prompts/` of the repository, when running from a checkout."""
-    here = Path(__file__).resolve().parent.parent / "datasets" / "rl_prompts"
-    return here if (here / "train.jsonl").exists() else None
+    return write_jsonl(Path(folder) / f"{split}.jsonl", generate_rl_split(split))
 
 
 def load_rl_prompts(split: str) -> list[dict[str, Any]]:
     """The RL prompts' `split` ("train", "val", "test"); regenerated into the cache outside a checkout."""
-    from .runtime import cache_dir
+    from .data import load_project_dataset
 
-    if split not in SPLIT_PAIRS:
-        raise ValueError(f"split must be one of {sorted(SPLIT_PAIRS)}, got {split!r}")
-    folder = rl_prompts_dir()
-    if folder is None:
-        folder = cache_dir("rl_prompts")
-        if not (folder / f"{split}.jsonl").exists():
-            write_rl_split(folder, split)
-    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return load_project_dataset("rl_prompts", split, SPLIT_PAIRS, generate_rl_split)
 
 
 def last_integer(text: str) -> int | None:

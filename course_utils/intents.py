@@ -7,7 +7,6 @@ folder regenerates byte-identical files into the course cache.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -92,29 +91,14 @@ def generate_split(split: str) -> list[dict]:
 
 
 def write_split(folder: Path, split: str) -> Path:
-    path = Path(folder) / f"{split}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in generate_split(split):
-            f.write(json.dumps(ex) + "\n")
-    return path
+    """Write `<folder>/<split>.jsonl` (what `datasets/intents/make_intents.py` runs)."""
+    from .data import write_jsonl
 
-
-def intents_dir() -> Path | None:
-    """`datasets/intents` of the repository checkout, or None outside one."""
-    folder = Path(__file__).resolve().parent.parent / "datasets" / "intents"
-    return folder if (folder / "test.jsonl").exists() else None
+    return write_jsonl(Path(folder) / f"{split}.jsonl", generate_split(split))
 
 
 def load_intents(split: str) -> list[dict]:
     """The `split` ("train", "val", "test") as a list of {"text", "label", "seen"} dicts."""
-    from .runtime import cache_dir
+    from .data import load_project_dataset
 
-    if split not in SPLIT_SIZES:
-        raise ValueError(f"split must be one of {', '.join(SPLIT_SIZES)}, got {split!r}")
-    folder = intents_dir()
-    if folder is None:
-        folder = cache_dir("intents")
-        if not (folder / f"{split}.jsonl").exists():
-            write_split(folder, split)
-    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return load_project_dataset("intents", split, SPLIT_SIZES, generate_split)

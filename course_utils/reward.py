@@ -9,7 +9,6 @@ P(chosen beats rejected) = sigmoid(r(chosen) - r(rejected)); the loss is -log of
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -125,36 +124,18 @@ def generate_all() -> dict[str, list[dict[str, Any]]]:
 
 
 def write_splits(folder: Path) -> list[Path]:
-    paths = []
-    for split, pairs in generate_all().items():
-        path = Path(folder) / f"{split}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for pair in pairs:
-                f.write(json.dumps(pair) + "\n")
-        paths.append(path)
-    return paths
+    """Write every split to `<folder>/<split>.jsonl` (what `datasets/preferences/make_preferences.py` runs)."""
+    from .data import write_jsonl
 
-
-def preferences_dir() -> Path | None:
-    """`datasets/preferences` in a checkout, else None."""
-    folder = Path(__file__).resolve().parent.parent / "datasets" / "preferences"
-    return folder if (folder / "test.jsonl").exists() else None
+    return [write_jsonl(Path(folder) / f"{split}.jsonl", pairs) for split, pairs in generate_all().items()]
 
 
 def load_preferences(split: str) -> list[dict[str, Any]]:
     """The `split` ("train", "val", "test") of the preference pairs: {"id", "kind", "prompt", "chosen",
     "rejected", "check"}. Outside a checkout the same files are regenerated into the course cache."""
-    if split not in SPLIT_SIZES:
-        raise ValueError(f"split must be one of {sorted(SPLIT_SIZES)}, got {split!r}")
-    folder = preferences_dir()
-    if folder is None:
-        from .runtime import cache_dir
+    from .data import load_project_dataset
 
-        folder = cache_dir("preferences")
-        if not (folder / f"{split}.jsonl").exists():
-            write_splits(folder)
-    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return load_project_dataset("preferences", split, SPLIT_SIZES, lambda s: generate_all()[s])
 
 
 # ----------------------------------------------------------------------------------------------

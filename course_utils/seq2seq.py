@@ -130,27 +130,15 @@ def generate_split(split: str) -> list[dict[str, str]]:
     return out
 
 
-def dates_dir() -> Path | None:
-    """`datasets/dates/` of the repository, when running from a checkout."""
-    here = Path(__file__).resolve().parent.parent / "datasets" / "dates"
-    return here if (here / "train.jsonl").exists() else None
-
-
 def load_dates(split: str) -> list[dict[str, str]]:
     """The `split` ("train", "val", "test") of the dates data set as a list of {"src", "tgt"} dicts.
 
     Reads `datasets/dates/<split>.jsonl` from the repository; outside a checkout (e.g. Colab after
     `pip install`) the same files are regenerated deterministically into the course cache.
     """
-    from .runtime import cache_dir
+    from .data import load_project_dataset
 
-    folder = dates_dir()
-    if folder is None:
-        folder = cache_dir("dates")
-        if not (folder / f"{split}.jsonl").exists():
-            write_split(folder, split)
-    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return load_project_dataset("dates", split, SPLIT_SIZES, generate_split)
 
 
 def load_splits(eval_examples: int | None = None) -> dict[str, list[dict[str, str]]]:
@@ -159,11 +147,10 @@ def load_splits(eval_examples: int | None = None) -> dict[str, list[dict[str, st
 
 
 def write_split(folder: Path, split: str) -> Path:
-    path = Path(folder) / f"{split}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in generate_split(split):
-            f.write(json.dumps(ex) + "\n")
-    return path
+    """Write `<folder>/<split>.jsonl` (what `datasets/dates/make_dates.py` runs)."""
+    from .data import write_jsonl
+
+    return write_jsonl(Path(folder) / f"{split}.jsonl", generate_split(split))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,18 +198,10 @@ def generate_split(split: str) -> list[dict]:
 
 
 def write_split(folder: Path, split: str) -> Path:
-    path = Path(folder) / f"{split}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for item in generate_split(split):
-            f.write(json.dumps(item) + "\n")
-    return path
+    """Write `<folder>/<split>.jsonl` (what `datasets/instruct/make_instruct.py` runs)."""
+    from .data import write_jsonl
 
-
-def instruct_dir() -> Path | None:
-    """`datasets/instruct/` of the repository, when running from a checkout."""
-    here = Path(__file__).resolve().parent.parent / "datasets" / "instruct"
-    return here if (here / "train.jsonl").exists() else None
+    return write_jsonl(Path(folder) / f"{split}.jsonl", generate_split(split))
 
 
 def load_instruct(split: str, *, tasks: tuple[str, ...] | None = None, n: int | None = None) -> list[dict]:
@@ -221,20 +213,12 @@ def load_instruct(split: str, *, tasks: tuple[str, ...] | None = None, n: int | 
     Reads `datasets/instruct/<split>.jsonl` from a checkout; after `pip install` the same files are
     regenerated deterministically into the course cache.
     """
-    from .runtime import cache_dir
+    from .data import load_project_dataset
 
-    if split not in SPLIT_SIZES:
-        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLIT_SIZES)}")
     unknown = set(tasks or ()) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task kinds {sorted(unknown)}; known: {', '.join(TASKS)}")
-    folder = instruct_dir()
-    if folder is None:
-        folder = cache_dir("instruct")
-        if not (folder / f"{split}.jsonl").exists():
-            write_split(folder, split)
-    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
-        items = [json.loads(line) for line in f]
+    items = load_project_dataset("instruct", split, SPLIT_SIZES, generate_split)
     if tasks is not None:
         items = [it for it in items if it["task"] in tasks]
     return items[:n]

@@ -261,3 +261,24 @@ def test_default_fetch_skips_mnist_offline(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(data, "FETCHABLE", {k: (lambda k=k: called.append(k) or "cached") for k in data.FETCHABLE})
     status = data.fetch(progress=lambda _: None)
     assert "mnist" not in status and set(called) == set(data.FETCHABLE) - {"mnist"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets this project writes: the same items from the checkout and, installed, from the generator
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loader", ["seq2seq:load_dates", "intents:load_intents", "grpo:load_rl_prompts",
+                                    "tasks:load_instruct", "reward:load_preferences"])
+def test_project_datasets_regenerate_outside_a_checkout(loader, tmp_path, monkeypatch):
+    import importlib
+
+    from course_utils import data as D
+
+    module, name = loader.split(":")
+    load = getattr(importlib.import_module(f"course_utils.{module}"), name)
+    from_checkout = load("val")
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "project_dataset_dir", lambda n: tmp_path / "no-checkout" / n)
+    assert load("val") == from_checkout  # generated into the cache
+    assert load("val") == from_checkout  # read back from the cache
+    with pytest.raises(ValueError, match="unknown split"):
+        load("dev")

@@ -320,14 +320,16 @@ def test_all_equal_fraction_and_reward():
 
 
 def test_rl_prompts_are_deterministic_and_held_out(tmp_path):
+    from course_utils.data import project_dataset_dir
+
     for split, n in (("train", 288), ("val", 48), ("test", 240)):
         items = grpo.load_rl_prompts(split)
         assert len(items) == n and items == grpo.generate_rl_split(split)
         assert all(it["answer"] == it["a"] + it["b"] and str(it["a"]) in it["question"] for it in items)
-        assert grpo.write_rl_split(tmp_path, split).read_bytes() == (grpo.rl_prompts_dir() / f"{split}.jsonl").read_bytes()
+        assert grpo.write_rl_split(tmp_path, split).read_bytes() == (project_dataset_dir("rl_prompts") / f"{split}.jsonl").read_bytes()
     pairs = {s: {(i["a"], i["b"]) for i in grpo.load_rl_prompts(s)} for s in ("train", "val", "test")}
     assert not pairs["test"] & (pairs["train"] | pairs["val"])
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(ValueError, match="unknown split"):
         grpo.load_rl_prompts("dev")
 
 

@@ -247,7 +247,7 @@ def test_verify(check, reply, ok):
 
 
 def test_bad_input_messages():
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(ValueError, match="unknown split"):
         R.load_preferences("dev")
     with pytest.raises(ValueError, match="unknown check"):
         R.verify({"rule": "rhymes"}, "x")

@@ -28,22 +28,9 @@ from .retrieval import chat_generate, exact_match
 # ----------------------------------------------------------------------------------------------
 def load_tool_tasks(split: str = "test") -> list[dict]:
     """Tasks {"id", "kind", "question", "tool", "arguments", "answer"}: "test" (130, held out) or "train" (340)."""
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    from .retrieval import _read_jsonl, documents_dir
+    from .data import load_project_dataset
 
-    folder = documents_dir().parent / "tool_tasks"
-    if not (folder / f"{split}.jsonl").exists():  # installed without the checkout: fetch the file once
-        from . import REPO_URL
-        from .data import download_url
-        from .runtime import cache_dir
-
-        folder = cache_dir("tool_tasks")
-        slug = REPO_URL.removeprefix("https://github.com/")
-        if not (folder / f"{split}.jsonl").exists():
-            download_url(f"https://raw.githubusercontent.com/{slug}/main/datasets/tool_tasks/{split}.jsonl",
-                         folder / f"{split}.jsonl")
-    return _read_jsonl(folder / f"{split}.jsonl")
+    return load_project_dataset("tool_tasks", split, ("test", "train"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -313,12 +313,13 @@ def project_dataset_dir(name: str) -> Path:
 
 
 def load_project_dataset(name: str, split: str, splits: Iterable[str],
-                         generate: Callable[[str], Iterable[dict[str, Any]]]) -> list[dict[str, Any]]:
+                         generate: Callable[[str], Iterable[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """One split of a data set this project writes, as a list of dicts.
 
-    From a checkout it reads `datasets/<name>/<split>.jsonl` (the committed files); installed without
+    From a checkout it reads `datasets/<name>/<split>.jsonl` (the committed files). Installed without
     the repository (Colab after `pip install`), it runs the deterministic generator `generate(split)`
-    once and keeps the result in the course cache, so both give the same items.
+    once and keeps the result in the course cache, so both give the same items; a data set whose
+    generator lives only in `datasets/` (generate=None) is downloaded once from the repository instead.
     """
     splits = list(splits)
     if split not in splits:
@@ -326,8 +327,13 @@ def load_project_dataset(name: str, split: str, splits: Iterable[str],
     path = project_dataset_dir(name) / f"{split}.jsonl"
     if not path.exists():
         path = cache_dir(name) / f"{split}.jsonl"
-        if not path.exists():
+        if not path.exists() and generate is not None:
             write_jsonl(path, generate(split))
+        elif not path.exists():
+            from . import REPO_URL
+
+            slug = REPO_URL.removeprefix("https://github.com/")
+            download_url(f"https://raw.githubusercontent.com/{slug}/main/datasets/{name}/{split}.jsonl", path)
     return read_jsonl(path)
 
 

@@ -9,14 +9,14 @@ Production search engines add inverted indexes, sharding and approximate nearest
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .data import load_project_dataset
 
 DOCS_FILES = ("passages", "dev", "test", "train")
 
@@ -24,39 +24,14 @@ DOCS_FILES = ("passages", "dev", "test", "train")
 # ----------------------------------------------------------------------------------------------
 # The documents
 # ----------------------------------------------------------------------------------------------
-def documents_dir() -> Path:
-    """`datasets/documents/` of the checkout; outside a checkout, a copy downloaded once into the cache."""
-    here = Path(__file__).resolve().parent.parent / "datasets" / "documents"
-    if (here / "passages.jsonl").exists():
-        return here
-    from . import REPO_URL
-    from .data import download_url
-    from .runtime import cache_dir
-
-    folder = cache_dir("documents")
-    slug = REPO_URL.removeprefix("https://github.com/")
-    for name in DOCS_FILES:
-        if not (folder / f"{name}.jsonl").exists():
-            download_url(f"https://raw.githubusercontent.com/{slug}/main/datasets/documents/{name}.jsonl",
-                         folder / f"{name}.jsonl")
-    return folder
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def load_passages() -> list[dict]:
     """The 200 passages about 40 fictional planets: {"id", "title", "text"}."""
-    return _read_jsonl(documents_dir() / "passages.jsonl")
+    return load_project_dataset("documents", "passages", DOCS_FILES)
 
 
 def load_questions(split: str = "test") -> list[dict]:
     """Questions {"id", "question", "answer", "passage_id", ...} of a split: "dev", "test" or "train"."""
-    if split not in DOCS_FILES[1:]:
-        raise ValueError(f"split must be one of {DOCS_FILES[1:]}, got {split!r}")
-    return _read_jsonl(documents_dir() / f"{split}.jsonl")
+    return load_project_dataset("documents", split, DOCS_FILES[1:])
 
 
 # ----------------------------------------------------------------------------------------------

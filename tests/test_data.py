@@ -282,3 +282,26 @@ def test_project_datasets_regenerate_outside_a_checkout(loader, tmp_path, monkey
     assert load("val") == from_checkout  # read back from the cache
     with pytest.raises(ValueError, match="unknown split"):
         load("dev")
+
+
+def test_project_datasets_without_a_generator_are_fetched_once_outside_a_checkout(tmp_path, monkeypatch):
+    import shutil
+
+    from course_utils import agents
+    from course_utils import data as D
+
+    from_checkout = agents.load_tool_tasks("test")
+    committed = D.project_dataset_dir("tool_tasks") / "test.jsonl"
+    fetched = []
+
+    def fake_download(url, dest, sha256=None, **kw):  # the repository's raw file, served from the checkout
+        fetched.append(url)
+        shutil.copy(committed, dest)
+        return dest
+
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "download_url", fake_download)
+    monkeypatch.setattr(D, "project_dataset_dir", lambda n: tmp_path / "no-checkout" / n)
+    assert agents.load_tool_tasks("test") == from_checkout
+    assert agents.load_tool_tasks("test") == from_checkout  # from the cache: fetched once
+    assert len(fetched) == 1 and fetched[0].endswith("/main/datasets/tool_tasks/test.jsonl")

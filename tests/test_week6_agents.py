@@ -447,9 +447,9 @@ def test_supported():
 
 
 def test_bad_split_names_say_what_to_use():
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(ValueError, match="unknown split 'validation' of the documents data set: use one of dev, test, train"):
         R.load_questions("validation")
-    with pytest.raises(ValueError, match="split must be 'test' or 'train'"):
+    with pytest.raises(ValueError, match="unknown split 'dev' of the tool_tasks data set: use one of test, train"):
         A.load_tool_tasks("dev")
 
 

@@ -228,3 +228,70 @@ def supported(prediction: str, passage_text: str | None) -> bool:
     if passage_text is None or not normalize(prediction):
         return False
     return f" {normalize(prediction)} " in f" {normalize(passage_text)} "
+
+
+def answer_in_reply(reply: str, answer: str) -> bool:
+    """Lenient score: do the answer's normalised words occur, as whole words, anywhere in the reply?
+
+    'The main export of Doob is blue salt, which is shipped...' contains 'blue salt': right under this
+    score, wrong under `exact_match`. It forgives a chatty format, and also rewards a reply that lists
+    several candidates, so report it next to exact match, never instead of it.
+    """
+    a = normalize(answer)
+    return bool(a) and f" {a} " in f" {normalize(reply)} "
+
+
+# ----------------------------------------------------------------------------------------------
+# Teaching the format: supervised examples of cited short answers (train questions only)
+# ----------------------------------------------------------------------------------------------
+def cited_answer(answer: str, passage_id: str) -> str:
+    """The reply we train towards: 'Velka [shaith-1]' (short answer, then the id of the passage it comes from)."""
+    return f"{answer} [{passage_id}]"
+
+
+def training_context(ranked_ids: Sequence[str], gold_id: str, k: int = 3, *, seed: int = 0) -> list[str]:
+    """k passage ids for a training prompt: the retriever's top k, with the gold passage swapped in for the
+    last one when retrieval missed it, in a shuffled order (seeded).
+
+    The gold passage is always present, so every target is answerable from the prompt; the shuffle keeps
+    the model from learning "cite whatever comes first" instead of reading.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (got {k}): a training prompt needs the gold passage")
+    ids = list(dict.fromkeys(ranked_ids))[:k]
+    if gold_id not in ids:
+        ids = ids[: k - 1] + [gold_id]
+    g = torch.Generator().manual_seed(seed)
+    return [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+
+
+def rag_sft_messages(question: dict, passages: list[dict]) -> list[dict]:
+    """A training conversation: the retrieval prompt with `passages`, and the cited short answer as the reply."""
+    if question["passage_id"] not in {p["id"] for p in passages}:
+        raise ValueError(f"the gold passage {question['passage_id']!r} of question {question.get('id')!r} is not "
+                         "among the passages: the target answer would not be supported (use training_context)")
+    reply = cited_answer(question["answer"], question["passage_id"])
+    return rag_messages(question["question"], passages) + [{"role": "assistant", "content": reply}]
+
+
+def closed_book_sft_messages(question: dict) -> list[dict]:
+    """A closed-book training conversation: the question alone, the short answer as the reply (no citation)."""
+    return closed_book_messages(question["question"]) + [{"role": "assistant", "content": question["answer"]}]
+
+
+def score_rag(replies: Sequence[str], questions: Sequence[dict], text_of: dict[str, str]) -> dict[str, list[bool]]:
+    """Per-question scores of cited replies: strict and lenient correctness, citations, support.
+
+    Keys (one bool per question): "exact" (exact match of the answer part), "contains" (`answer_in_reply`
+    on the whole reply), "cited" (a [passage id] was written), "cited_gold" (it is the gold passage),
+    "unsupported" (the answer is not written in the cited passage; no citation counts as unsupported).
+    """
+    parsed = [parse_cited_answer(r) for r in replies]
+    out: dict[str, list[bool]] = {k: [] for k in ("exact", "contains", "cited", "cited_gold", "unsupported")}
+    for (answer, pid), reply, q in zip(parsed, replies, questions, strict=True):
+        out["exact"].append(exact_match(answer, q["answer"]))
+        out["contains"].append(answer_in_reply(reply, q["answer"]))
+        out["cited"].append(pid is not None)
+        out["cited_gold"].append(pid == q["passage_id"])
+        out["unsupported"].append(not supported(answer, text_of.get(pid)) if pid is not None else True)
+    return out

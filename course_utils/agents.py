@@ -160,11 +160,13 @@ def python_tool(code: str, *, seconds: float = 5.0, memory_mb: int = 512) -> str
     return res.stdout.strip()[-500:] or "(the program printed nothing; use print())"
 
 
-def make_tools(search_index: Any = None, *, k: int = 2) -> dict[str, Callable[[dict], str]]:
-    """Tool name -> function(arguments) -> text the model reads. Search shows the top-k passages with ids."""
+def make_tools(search_index: Any = None, *, k: int = 2, passages: list[dict] | None = None) -> dict[str, Callable[[dict], str]]:
+    """Tool name -> function(arguments) -> text the model reads. Search shows the top-k passages with ids
+    (`passages`: the texts behind the index's ids; default the project's documents), only those that share a
+    word with the query: an empty result says so instead of showing unrelated passages."""
     from .retrieval import load_passages
 
-    texts = {p["id"]: p["text"] for p in load_passages()}
+    texts = {p["id"]: p["text"] for p in (load_passages() if passages is None else passages)}
 
     def calculator(args: dict) -> str:
         try:
@@ -175,9 +177,36 @@ def make_tools(search_index: Any = None, *, k: int = 2) -> dict[str, Callable[[d
     def search(args: dict) -> str:
         if search_index is None:
             return "error: no search index"
-        return "\n".join(f"[{i}] {texts[i]}" for i, _ in search_index.search(args["query"], k))
+        hits = [(i, s) for i, s in search_index.search(args["query"], k) if s > 0]
+        if not hits:
+            return f"no passage matches {args['query']!r}; search again with other words (a planet's name, a topic)"
+        return "\n".join(f"[{i}] {texts[i]}" for i, _ in hits)
 
     return {"calculator": calculator, "search": search, "python": lambda args: python_tool(args["code"])}
+
+
+def call_tool(tools: dict[str, Callable[[dict], str]], call: dict, *, seconds: float = 10.0) -> str:
+    """Run one validated call and always return text for the model: a tool that raises, hangs past `seconds` or
+    is missing becomes an "error: ..." observation, so one bad tool never ends the episode (or the batch).
+
+    A thread cannot be killed: a hung in-process tool is abandoned, not stopped (the python tool really is
+    stopped, by its sandbox). Production agents run every tool in a separate process for that reason.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    name = call["tool"]
+    if name not in tools:
+        return f"error: unknown tool {name!r}; the tools are {', '.join(sorted(tools))}"
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return str(pool.submit(tools[name], call["arguments"]).result(timeout=seconds))
+    except FutureTimeout:
+        return f"error: the {name} tool took longer than {seconds:g} s; it was abandoned, try a simpler call"
+    except Exception as e:  # noqa: BLE001 - any tool failure becomes a message for the model
+        return f"error: the {name} tool failed: {type(e).__name__}: {e}"
+    finally:
+        pool.shutdown(wait=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,33 +239,47 @@ class Episode:
     messages: list[dict] = field(default_factory=list)
 
 
+def observe(tool: str, observation: str) -> str:
+    """How a tool result goes back to the model (the format the training traces use)."""
+    return f"Result: {observation}"
+
+
 def run_agents(model: Any, tokenizer: Any, questions: list[str], tools: dict[str, Callable[[dict], str]], *,
                max_steps: int = 3, example: bool = True, max_new_tokens: int = 64, batch_size: int = 8,
-               progress: Any = None) -> list[Episode]:
+               progress: Any = None, generate: Callable[..., list[str]] | None = None,
+               policy: Callable[[Episode, dict], str | None] | None = None,
+               observe: Callable[[str, str], str] = observe, tool_seconds: float = 10.0) -> list[Episode]:
     """Run the loop (reason -> call -> observe -> answer) for many questions at once, one batched step per turn.
 
     A malformed turn gets the validation error back as the next user message; after `max_steps` model turns
-    without an answer the episode stops unanswered.
+    without an answer the episode stops unanswered. Optional: `generate(conversations, max_new_tokens=,
+    batch_size=)` replaces the local model (e.g. an OpenAI-compatible endpoint); `policy(episode, call)`
+    returns a refusal message to block a call before it runs; `observe(tool, text)` formats tool results.
     """
+    schemas = {name: TOOL_SCHEMAS.get(name, {"type": "object"}) for name in tools}
+    generate = generate or (lambda convs, **kw: chat_generate(model, tokenizer, convs, **kw))
     episodes = [Episode(q, messages=agent_messages(q, example=example)) for q in questions]
     for _ in range(max_steps):
         live = [e for e in episodes if e.answer is None]
         if not live:
             break
         start = time.perf_counter()
-        replies = chat_generate(model, tokenizer, [e.messages for e in live], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size)
+        replies = generate([e.messages for e in live], max_new_tokens=max_new_tokens, batch_size=batch_size)
         seconds = (time.perf_counter() - start) / len(live)  # amortised over the batch
         for e, reply in zip(live, replies):
-            kind, value = parse_turn(reply)
+            kind, value = parse_turn(reply, schemas)
+            refusal = policy(e, value) if kind == "call" and policy is not None else None
             turn = {"reply": reply, "kind": kind, "call": value if kind == "call" else None,
-                    "error": value if kind == "error" else None, "observation": None, "seconds": seconds}
+                    "error": value if kind == "error" else refusal, "observation": None, "seconds": seconds,
+                    "refused": refusal is not None}
             e.messages.append({"role": "assistant", "content": reply})
             if kind == "answer":
                 e.answer = value
+            elif refusal is not None:
+                e.messages.append({"role": "user", "content": f"Refused: {refusal}"})
             elif kind == "call":
-                turn["observation"] = tools[value["tool"]](value["arguments"])
-                e.messages.append({"role": "user", "content": f"Result: {turn['observation']}"})
+                turn["observation"] = call_tool(tools, value, seconds=tool_seconds)
+                e.messages.append({"role": "user", "content": observe(value["tool"], turn["observation"])})
             else:
                 e.messages.append({"role": "user", "content": f"Error: {value}. Try again."})
             e.turns.append(turn)

@@ -182,15 +182,16 @@ def rollout(policy: PolicyWithValue, tok, prompts: list[str], *, max_new_tokens:
     return Rollouts(out, attention_mask, mask, P, replies)
 
 
-def response_stats(policy: PolicyWithValue, ro: Rollouts, *, reference: bool = False,
-                   grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities and values of the response tokens: two (B, T) tensors."""
+def response_stats(policy: PolicyWithValue, ro: Rollouts, *, reference: bool = False, grad: bool = False,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities (of the distribution sampled at `temperature`) and values of the response
+    tokens: two (B, T) tensors."""
     ctx = policy.reference() if reference else contextlib.nullcontext()
     with ctx, torch.set_grad_enabled(grad):
         logits, values = policy(ro.input_ids, ro.attention_mask)
     P = ro.prompt_len
     # position i predicts token i + 1: the logits at P-1 .. L-2 score the response tokens P .. L-1
-    logp = token_logprobs(logits[:, P - 1:-1], ro.input_ids[:, P:])  # (B, T)
+    logp = token_logprobs(logits[:, P - 1:-1] / temperature, ro.input_ids[:, P:])  # (B, T)
     return logp, values[:, P - 1:-1]  # the value of the state before each response token
 
 
@@ -214,6 +215,7 @@ class RLConfig:
     steps: int = 10  # rollout batches
     batch_size: int = 8  # prompts per rollout batch
     max_new_tokens: int = 16  # reply length cap
+    temperature: float = 1.0  # sampling temperature; the policy is the tempered distribution (as in TRL)
     beta: float = 0.05  # weight of the KL penalty to the reference
     lr: float = 1e-4  # AdamW on the LoRA adapters and the value head
     ppo_epochs: int = 2  # optimisation passes over each rollout batch (PPO only; REINFORCE uses one)
@@ -226,9 +228,11 @@ class RLConfig:
 
 def train_rl(policy: PolicyWithValue, rm, tok, items: list[dict[str, Any]], cfg: RLConfig,
              advantages_fn: Callable | None = None, clip_loss_fn: Callable | None = None,
-             shape_fn: Callable | None = None) -> dict[str, list[float]]:
+             shape_fn: Callable | None = None, callback: Callable[[int], None] | None = None
+             ) -> dict[str, list[float]]:
     """RL against the reward model; logs per step the proxy (reward-model score), the gold rate (the
-    verifier on the same replies) and the KL to the reference. `items` carry "prompt" and "check"."""
+    verifier on the same replies) and the KL to the reference. `items` carry "prompt" and "check".
+    `callback(step)`, if given, runs after every update (step 0: before the first), e.g. a held-out evaluation."""
     from tqdm.auto import tqdm
 
     if cfg.algo not in ("ppo", "reinforce"):
@@ -239,41 +243,46 @@ def train_rl(policy: PolicyWithValue, rm, tok, items: list[dict[str, Any]], cfg:
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     hist: dict[str, list[float]] = {k: [] for k in ("step", "proxy", "gold", "kl", "length")}
+    if callback is not None:
+        callback(0)
     for step in (bar := tqdm(range(1, cfg.steps + 1), desc=f"{cfg.algo} seed {cfg.seed}")):
         batch = [items[i] for i in torch.randint(len(items), (cfg.batch_size,), generator=g).tolist()]
         prompts = [b["prompt"] for b in batch]
-        ro = rollout(policy, tok, prompts, max_new_tokens=cfg.max_new_tokens)
+        ro = rollout(policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         score = score_replies(rm, tok, prompts, ro.texts).to(ro.mask.device)
-        old_logp, old_values = response_stats(policy, ro)
-        ref_logp, _ = response_stats(policy, ro, reference=True)
+        ref_logp, _ = response_stats(policy, ro, reference=True, temperature=cfg.temperature)
         mask = ro.mask.float()
-        rewards = shape_fn(score, old_logp, ref_logp, mask, cfg.beta)
-        policy.train()
-        if cfg.algo == "reinforce":
-            adv = reinforce_advantages(rewards, mask)
-            logp, _ = response_stats(policy, ro, grad=True)
-            loss = -masked_mean(logp * adv, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            adv, returns = gae_fn(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            adv = (adv - masked_mean(adv, mask)) / ((adv - masked_mean(adv, mask)).pow(2).mul(mask).sum()
-                                                   / mask.sum()).sqrt().clamp(min=1e-6) * mask  # whiten
-            for _ in range(cfg.ppo_epochs):
-                logp, values = response_stats(policy, ro, grad=True)
+        policy.train()  # (no dropout in SmolLM2 or the adapters: the same function as in eval mode)
+        for epoch in range(cfg.ppo_epochs if cfg.algo == "ppo" else 1):
+            logp, values = response_stats(policy, ro, grad=True, temperature=cfg.temperature)
+            if epoch == 0:  # before any update the policy is the one that sampled: its log-probs are the old ones
+                old_logp, old_values = logp.detach(), values.detach()
+                rewards = shape_fn(score, old_logp, ref_logp, mask, cfg.beta)
+                if cfg.algo == "reinforce":
+                    adv = reinforce_advantages(rewards, mask)
+                else:
+                    adv, returns = gae_fn(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+                    centred = adv - masked_mean(adv, mask)
+                    std = centred.pow(2).mul(mask).sum().div(mask.sum()).sqrt().clamp(min=1e-6)
+                    adv = centred / std * mask  # whitened: zero mean, unit variance over real tokens
+            if cfg.algo == "reinforce":
+                loss = -masked_mean(logp * adv, mask)
+            else:
                 loss = clip_loss_fn(logp, old_logp, adv, mask, cfg.clip_eps) \
                     + cfg.vf_coef * 0.5 * masked_mean((values - returns) ** 2, mask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.algo == "ppo":
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
+            opt.step()
         hist["step"].append(step)
         hist["proxy"].append(score.mean().item())
         hist["gold"].append(sum(verify(b["check"], t) for b, t in zip(batch, ro.texts)) / len(batch))
         hist["kl"].append(kl_to_reference(old_logp, ref_logp, mask).mean().item())
         hist["length"].append(mask.sum(1).mean().item())
         bar.set_postfix(proxy=f"{hist['proxy'][-1]:.2f}", gold=f"{hist['gold'][-1]:.2f}", kl=f"{hist['kl'][-1]:.2f}")
+        if callback is not None:
+            callback(step)
     return hist
 
 
@@ -292,3 +301,41 @@ def evaluate_policy(policy: PolicyWithValue, rm, tok, items: list[dict[str, Any]
             out["proxy"] += score_replies(rm, tok, prompts, ro.texts).tolist()
             out["gold"] += [verify(c["check"], t) for c, t in zip(chunk, ro.texts)]
     return out
+
+
+@torch.no_grad()
+def sampled_kl(policy: PolicyWithValue, tok, items: list[dict[str, Any]], *, samples: int = 1, batch_size: int = 16,
+               max_new_tokens: int = 16, temperature: float = 1.0) -> list[float]:
+    """Per item, KL(policy || reference) in nats per reply, estimated from `samples` replies sampled from the policy
+    (both tempered by `temperature`): the mean over them of sum_t log pi(a_t) - log pi_ref(a_t). One per item."""
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    totals = [0.0] * len(items)
+    for _ in range(samples):
+        for i in range(0, len(items), batch_size):
+            prompts = [c["prompt"] for c in items[i:i + batch_size]]
+            ro = rollout(policy, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature)
+            logp, _ = response_stats(policy, ro, temperature=temperature)
+            ref_logp, _ = response_stats(policy, ro, reference=True, temperature=temperature)
+            for j, k in enumerate(kl_to_reference(logp, ref_logp, ro.mask.float()).tolist()):
+                totals[i + j] += k / samples
+    return totals
+
+
+def checkpoint_evaluator(policy: PolicyWithValue, rm, tok, items: list[dict[str, Any]], at: set[int] | list[int], *,
+                         max_new_tokens: int = 16, kl_samples: int = 2, temperature: float = 1.0
+                         ) -> tuple[Callable[[int], None], list[dict]]:
+    """A `train_rl` callback that, at the steps in `at`, evaluates the policy on held-out `items`: greedy replies
+    scored by the reward model (proxy) and the verifier (gold), and the sampled KL to the reference (at the
+    `temperature` the policy was trained at).
+    Returns (callback, log); each log entry is {"step", "kl", "proxy", "gold", "reply"} with per-item lists."""
+    at, log = set(at), []
+
+    def callback(step: int) -> None:
+        if step not in at:
+            return
+        ev = evaluate_policy(policy, rm, tok, items, max_new_tokens=max_new_tokens)
+        kl = sampled_kl(policy, tok, items, samples=kl_samples, max_new_tokens=max_new_tokens, temperature=temperature)
+        log.append({"step": step, "kl": kl, **ev})
+
+    return callback, log

@@ -377,3 +377,33 @@ def test_rl_step_runs_and_starts_at_the_reference():
     assert any("lora" in n for n in moved) and any("value_head" in n for n in moved)
     ev = P.evaluate_policy(policy, rm, tok, items[:3], max_new_tokens=4)
     assert len(ev["reply"]) == len(ev["proxy"]) == len(ev["gold"]) == 3
+
+
+@pytest.mark.slow
+def test_checkpoint_evaluator_logs_held_out_proxy_gold_and_kl_at_the_chosen_steps():
+    """The over-optimisation harness: `train_rl` calls back at step 0 and after every update; the evaluator logs
+    only at the chosen steps, one value per held-out item; at step 0 the policy is the reference, so KL is 0."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from course_utils import data
+
+    data._ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(data._smollm2_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rm = R.RewardModel.from_causal_lm(LlamaForCausalLM(cfg), train_layers=1)
+    policy = P.PolicyWithValue(LlamaForCausalLM(cfg), rank=2, last_layers=1)
+    items, held = R.load_preferences("train")[:8], R.load_preferences("val")[:3]
+    callback, log = P.checkpoint_evaluator(policy, rm, tok, held, at=(0, 2), max_new_tokens=4, kl_samples=2)
+    seen = []
+    P.train_rl(policy, rm, tok, items, P.RLConfig(steps=2, batch_size=2, max_new_tokens=4, lr=1e-2),
+               callback=lambda s: (seen.append(s), callback(s)))
+    assert seen == [0, 1, 2]
+    assert [e["step"] for e in log] == [0, 2]
+    for e in log:
+        assert len(e["kl"]) == len(e["proxy"]) == len(e["gold"]) == len(e["reply"]) == 3
+    assert max(abs(k) for k in log[0]["kl"]) < 1e-5
+    with pytest.raises(ValueError, match="samples must be at least 1"):
+        P.sampled_kl(policy, tok, held, samples=0)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import autocast, pick_cpu_threads
+from .runtime import alternating_seconds, autocast, pick_cpu_threads
 from .transformer import GPT, GPTConfig
 
 
@@ -309,22 +309,16 @@ def throughput_vs_hf_gpt2(cfg: GPTConfig, batch_size: int, *, steps: int = 10,
     forward = {"ours": lambda m, x: m(x), "transformers": lambda m, x: m(x).logits}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
-    seconds = {k: 0.0 for k in models}
-    for step in range(steps + 1):  # step 0 warms up
-        order = list(models) if step % 2 else list(models)[::-1]
-        for name in order:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            with autocast(device):
-                logits = forward[name](models[name], x)
-            F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step > 0:
-                seconds[name] += time.perf_counter() - start
+
+    def train_step(name: str) -> None:
+        with autocast(device):
+            logits = forward[name](models[name], x)
+        F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    timed = alternating_seconds({k: (lambda k=k: train_step(k)) for k in models}, rounds=steps, device=device)
+    seconds = {k: sum(v) for k, v in timed.items()}
     tokens = steps * batch_size * cfg.block_size
     out = {f"{k}_tokens_per_s": tokens / v for k, v in seconds.items()}
     out["ratio"] = out["ours_tokens_per_s"] / out["transformers_tokens_per_s"]

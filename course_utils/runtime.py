@@ -123,6 +123,29 @@ def pick_cpu_threads(work: Callable[[], object], *, repeats: int = 2, device: to
     return best
 
 
+def alternating_seconds(work: dict[str, Callable[[], object]], *, rounds: int = 3,
+                        device: torch.device | str | None = None) -> dict[str, list[float]]:
+    """Time several pieces of work fairly: one call of each per round, the order reversed every other round.
+
+    Timing A for a minute and then B for a minute on a shared machine compares two different machines:
+    whatever else runs slows one more than the other. Alternating spreads the disturbance over both.
+    Round 0 warms up and is not counted. Returns the seconds of every counted call, per name.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else (lambda: None)
+    seconds: dict[str, list[float]] = {name: [] for name in work}
+    for r in range(rounds + 1):
+        for name in (list(work) if r % 2 else list(work)[::-1]):
+            sync()
+            start = time.perf_counter()
+            work[name]()
+            sync()
+            if r > 0:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a fresh `torch.Generator` seeded the same way."""
     random.seed(seed)

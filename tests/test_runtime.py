@@ -65,3 +65,14 @@ def test_one_cpu_thread_restores_the_thread_count():
     assert torch.get_num_threads() == before
     with runtime.one_cpu_thread("cuda"):  # a no-op off the CPU
         assert torch.get_num_threads() == before
+
+
+def test_alternating_seconds_alternates_the_order_and_skips_the_warm_up():
+    from course_utils.runtime import alternating_seconds
+
+    calls = []
+    out = alternating_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["b", "a", "a", "b", "b", "a", "a", "b"]  # round 0 (warm-up) reversed, then alternating
+    assert set(out) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in out.values())
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        alternating_seconds({"a": lambda: None}, rounds=0)

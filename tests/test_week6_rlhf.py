@@ -349,23 +349,27 @@ def test_reward_loss_equals_trl_reward_trainer_on_one_batch():
     assert abs(trl_loss - ours) < 1e-6
 
 
-@pytest.mark.slow
-def test_rl_step_runs_and_starts_at_the_reference():
-    """One REINFORCE and one PPO step on a tiny random Llama: the first rollout has KL 0 (LoRA's B starts at 0)."""
-    from transformers import AutoTokenizer
+def _tiny_policy_rm_tok():
+    """A tiny random Llama as policy (LoRA rank 2 + value head) and as reward model, with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from course_utils import data
 
     data._ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(data._smollm2_dir())
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     rm = R.RewardModel.from_causal_lm(LlamaForCausalLM(cfg), train_layers=1)
     policy = P.PolicyWithValue(LlamaForCausalLM(cfg), rank=2, last_layers=1)
+    return policy, rm, tok
+
+
+@pytest.mark.slow
+def test_rl_step_runs_and_starts_at_the_reference():
+    """One REINFORCE and one PPO step on a tiny random Llama: the first rollout has KL 0 (LoRA's B starts at 0)."""
+    policy, rm, tok = _tiny_policy_rm_tok()
     items = R.load_preferences("train")[:8]
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     for algo in ("reinforce", "ppo"):
@@ -383,18 +387,7 @@ def test_rl_step_runs_and_starts_at_the_reference():
 def test_checkpoint_evaluator_logs_held_out_proxy_gold_and_kl_at_the_chosen_steps():
     """The over-optimisation harness: `train_rl` calls back at step 0 and after every update; the evaluator logs
     only at the chosen steps, one value per held-out item; at step 0 the policy is the reference, so KL is 0."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from course_utils import data
-
-    data._ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(data._smollm2_dir())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    rm = R.RewardModel.from_causal_lm(LlamaForCausalLM(cfg), train_layers=1)
-    policy = P.PolicyWithValue(LlamaForCausalLM(cfg), rank=2, last_layers=1)
+    policy, rm, tok = _tiny_policy_rm_tok()
     items, held = R.load_preferences("train")[:8], R.load_preferences("val")[:3]
     callback, log = P.checkpoint_evaluator(policy, rm, tok, held, at=(0, 2), max_new_tokens=4, kl_samples=2)
     seen = []

@@ -38,8 +38,10 @@ def slug(text: str) -> str:
 
 
 def bench(root: Path, profile: str, notebooks: list[Path] | None = None, *, out: Path | None = None,
-          timeout: float = 3600, progress=print) -> Path:
-    """Run the notebooks under `profile`; merge their results into the results file and return its path."""
+          timeout: float = 3600, progress=print, executed: Path | None = None) -> Path:
+    """Run the notebooks under `profile`; merge their results into the results file and return its path.
+    With `executed`, each executed notebook (outputs included) is also written under that folder, so the
+    prose can be checked against what the run printed."""
     notebooks = notebooks or [root / "solutions"]
     # a folder stands for every notebook below it (`course bench solutions/week4_transformer`)
     notebooks = [n for p in notebooks for n in (sorted(Path(p).rglob("week*/*.ipynb")) or sorted(Path(p).glob("*.ipynb"))
@@ -55,7 +57,8 @@ def bench(root: Path, profile: str, notebooks: list[Path] | None = None, *, out:
             metrics_file = Path(tmp) / "metrics.jsonl"
             metrics_file.touch()
             env = {"COURSE_PROFILE": profile, "COURSE_METRICS_FILE": str(metrics_file), "COURSE_STRICT": "1"}
-            outcome = run_notebook(nb, env=env, timeout=timeout, cell_timeout=timeout)
+            outcome = run_notebook(nb, env=env, timeout=timeout, cell_timeout=timeout,
+                                   save_to=Path(executed) / rel if executed else None)
             metrics = {}
             for line in metrics_file.read_text().splitlines():
                 m = json.loads(line)

@@ -111,7 +111,8 @@ def cmd_bench(args) -> int:
         print(table([Path(p) for p in args.table]))
         return 0
     notebooks = [Path(p) for p in args.notebooks] or None
-    out = bench(root, args.profile, notebooks, out=Path(args.out) if args.out else None)
+    out = bench(root, args.profile, notebooks, out=Path(args.out) if args.out else None,
+                executed=Path(args.executed) if args.executed else None)
     print(f"\nWrote {out}")
     print(table([out]))
     return 0
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"])
     p.add_argument("--out")
     p.add_argument("--table", nargs="+", metavar="RESULTS", help="print a markdown table of results files")
+    p.add_argument("--executed", metavar="DIR", help="also write each executed notebook, outputs included, under DIR")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("exercises", help="list the registered exercises")

@@ -28,12 +28,15 @@ class RunOutcome:
 
 
 def run_notebook(path: Path, *, env: dict[str, str] | None = None, timeout: float = 600,
-                 cell_timeout: float = 300, allow_errors: bool = False) -> RunOutcome:
-    """Execute notebook `path` in a fresh process and kernel; the file itself is only read."""
+                 cell_timeout: float = 300, allow_errors: bool = False, save_to: Path | None = None) -> RunOutcome:
+    """Execute notebook `path` in a fresh process and kernel; the file itself is only read. With `save_to`,
+    the executed copy (with its outputs, also after an error) is written there."""
     path = Path(path).resolve()
     cmd = [sys.executable, "-m", "course_utils.tools.execute", str(path), "--cell-timeout", str(cell_timeout)]
     if allow_errors:
         cmd.append("--allow-errors")
+    if save_to is not None:
+        cmd += ["--save", str(Path(save_to).resolve())]
     full_env = {**os.environ, **(env or {})}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="course-run-") as workdir:
@@ -61,7 +64,7 @@ def parse_outcome(out: str, err: str, seconds: float) -> RunOutcome:
     return RunOutcome("crashed", seconds, ((err or "").strip().splitlines() or ["no output"])[-1][:500])
 
 
-def _execute(path: Path, cell_timeout: float, allow_errors: bool) -> dict:
+def _execute(path: Path, cell_timeout: float, allow_errors: bool, save_to: Path | None = None) -> dict:
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -83,6 +86,9 @@ def _execute(path: Path, cell_timeout: float, allow_errors: bool) -> dict:
         if first:
             info = {"status": "error", "error": first}
     info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, save_to)
     return info
 
 
@@ -102,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("--cell-timeout", type=float, default=300)
     parser.add_argument("--allow-errors", action="store_true")
+    parser.add_argument("--save", type=Path, help="write the executed notebook, with its outputs, to this path")
     args = parser.parse_args(argv)
-    print(json.dumps(_execute(args.notebook, args.cell_timeout, args.allow_errors)), flush=True)
+    print(json.dumps(_execute(args.notebook, args.cell_timeout, args.allow_errors, args.save)), flush=True)
 
 
 if __name__ == "__main__":

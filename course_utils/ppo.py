@@ -11,8 +11,9 @@ Ziegler et al. 2019 and Ouyang et al. 2022 (PPO with a KL penalty for language m
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -339,3 +340,42 @@ def checkpoint_evaluator(policy: PolicyWithValue, rm, tok, items: list[dict[str,
         log.append({"step": step, "kl": kl, **ev})
 
     return callback, log
+
+
+# ----------------------------------------------------------------------------------------------
+# Best-of-n: optimising against the reward model without training (Stiennon et al. 2020, Gao et al. 2023)
+# ----------------------------------------------------------------------------------------------
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || reference) in nats for picking the highest-scored of n samples: log n - (n - 1) / n
+    (exact when no two samples tie; an upper bound otherwise)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_expectation(scores: Sequence[float], values: Sequence[float], n: int) -> float:
+    """Expected `values` of the reply that best-of-n keeps (the highest score among n samples), estimated without
+    bias from N >= n samples of one prompt: every n-subset of the N is equally likely, and the sample ranked i-th
+    lowest (0-based) is the best of a random n-subset with probability C(i, n-1) / C(N, n).
+    Ties in `scores` are broken by position (stable sort)."""
+    N = len(scores)
+    if len(values) != N:
+        raise ValueError(f"scores and values differ in length: {N} vs {len(values)}")
+    if not 1 <= n <= N:
+        raise ValueError(f"n must be between 1 and the number of samples ({N}), got {n}")
+    order = sorted(range(N), key=lambda i: scores[i])
+    total = math.comb(N, n)
+    return sum(math.comb(rank, n - 1) * float(values[i]) for rank, i in enumerate(order)) / total
+
+
+@torch.no_grad()
+def sample_replies(policy: PolicyWithValue, tok, prompt: str, n: int, *, batch_size: int = 16, max_new_tokens: int = 16,
+                   temperature: float = 1.0, reference: bool = False) -> list[str]:
+    """`n` replies sampled from the policy (or, with reference=True, from the reference) for one prompt."""
+    replies: list[str] = []
+    ctx = policy.reference() if reference else contextlib.nullcontext()
+    with ctx:
+        while len(replies) < n:
+            k = min(batch_size, n - len(replies))
+            replies += rollout(policy, tok, [prompt] * k, max_new_tokens=max_new_tokens, temperature=temperature).texts
+    return replies

@@ -400,3 +400,24 @@ def test_checkpoint_evaluator_logs_held_out_proxy_gold_and_kl_at_the_chosen_step
     assert max(abs(k) for k in log[0]["kl"]) < 1e-5
     with pytest.raises(ValueError, match="samples must be at least 1"):
         P.sampled_kl(policy, tok, held, samples=0)
+
+
+def test_best_of_n_expectation_equals_enumerating_every_subset():
+    import itertools
+    import math
+    import random
+
+    rng = random.Random(0)
+    scores = [rng.gauss(0, 1) for _ in range(7)]
+    values = [rng.random() < 0.5 for _ in range(7)]
+    for n in range(1, 8):
+        subsets = list(itertools.combinations(range(7), n))
+        brute = sum(values[max(s, key=lambda i: scores[i])] for s in subsets) / len(subsets)
+        assert math.isclose(P.best_of_n_expectation(scores, values, n), brute, abs_tol=1e-12)
+    assert P.best_of_n_expectation(scores, scores, 1) == pytest.approx(sum(scores) / 7)  # n=1: the plain mean
+    assert P.best_of_n_expectation(scores, scores, 7) == max(scores)  # n=N: the single best sample
+    assert P.best_of_n_kl(1) == 0.0 and P.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    with pytest.raises(ValueError, match="between 1 and"):
+        P.best_of_n_expectation(scores, values, 8)
+    with pytest.raises(ValueError, match="differ in length"):
+        P.best_of_n_expectation(scores, values[:3], 2)

@@ -850,3 +850,19 @@ def test_smolagents_errors_and_step_limit_match_ours():
     assert len(n) == 2  # no extra "final answer" call at the step limit
     assert ep.answer is None and [t["kind"] for t in ep.turns] == ["error", "error"]
     assert A.score_episode(CALC_TASK, ep)["failure"] == "malformed call"
+
+
+@pytest.mark.parametrize("defence,executed", [("none", True), ("marked", True), ("policy", False)])
+def test_an_obedient_model_is_stopped_by_the_policy_not_by_marking(passages, defence, executed):
+    tasks = [t for t in A.load_tool_tasks("test") if t["kind"] == "lookup"][:3]
+    planted = C.plant_injections(tasks)
+    tools = A.make_tools(R.BM25Index(passages + planted), k=3, passages=passages + planted)
+    tools["python"] = lambda args: "ran"
+    kw = {"none": {}, "marked": {"observe": C.untrusted_observe},
+          "policy": {"observe": C.untrusted_observe, "policy": C.copied_from_results()}}[defence]
+    eps = A.run_agents(None, None, [t["question"] for t in tasks], tools, generate=C.obedient_generate, example=False,
+                       max_steps=3, **kw)
+    assert [C.attack_outcome(e)["executed"] for e in eps] == [executed] * 3
+    assert all(C.attack_outcome(e)["attempted"] for e in eps)
+    assert all(e.turns[1]["refused"] == (defence == "policy") for e in eps)  # the second turn is the attacker's call
+    assert C.obedient_generate([[{"role": "user", "content": "q"}]]) == ['{"tool": "search", "arguments": {"query": "q"}}']

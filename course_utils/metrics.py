@@ -52,15 +52,20 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, z: float = 1.96
     """Mean of a - b over paired items (e.g. after right, before right) and its 95% interval: (mean, low, high).
 
     Pairing (the same held-out items scored twice) removes the item-difficulty noise two separate
-    intervals would carry. Normal approximation on the per-item differences.
+    intervals would carry. Normal approximation on the per-item differences; when every value is 0 or 1
+    (pass/fail) the difference lies in [-1, 1], and so does the interval. (When every item changes the same
+    way the interval has zero width: read it with its n.)
     """
-    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    pairs = list(zip(a, b, strict=True))
+    d = [float(x) - float(y) for x, y in pairs]
     n = len(d)
     if n == 0:
         return float("nan"), float("nan"), float("nan")
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
     half = z * sd / math.sqrt(n)
+    if all(float(v) in (0.0, 1.0) for pair in pairs for v in pair):
+        return mean, max(-1.0, mean - half), min(1.0, mean + half)
     return mean, mean - half, mean + half
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -623,8 +624,6 @@ print(acc.measure_peak_memory(run), acc.training_memory(cfg, 8).total)
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak CPU memory needs Linux")
 def test_measured_peak_memory_is_near_the_estimate():
     # in a fresh process: the resident-set peak of a long pytest process depends on what ran before it
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_RUN], capture_output=True, text=True, timeout=300, check=True)
     measured, estimate = map(int, out.stdout.split()[-2:])
     assert 0.6 < measured / estimate < 1.4, (measured, estimate)
